@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Plot val loss against training time (left) and against tokens (right) for several benchmark summaries.
+
+    python bench/plot.py --out plot.png bench_runs/a.summary.json bench_runs/b.summary.json
+    python bench/plot.py --out plot.png bench_out/summaries.json          # a session's list of summaries
+
+Training time is the scripts' own train_time: compile is inside it (step 1), validation is not. A run with no
+validation (steps 01-03) is drawn with its train loss instead, as a thin dashed line, and says so in the legend.
+"""
+
+import argparse
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on the GPU machine or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load_summaries(paths):
+    """Summaries from files that each hold one summary or a list of them."""
+    summaries = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            payload = json.load(f)
+        summaries += payload if isinstance(payload, list) else [payload]
+    return summaries
+
+
+def curves(summary):
+    """(label suffix, style, [(seconds, tokens, loss)]): the val points, else the train curve."""
+    val = [(p["train_time_ms"] / 1000, p["tokens"], p["val_loss"]) for p in summary.get("val") or []
+           if p.get("train_time_ms") is not None and p.get("val_loss") is not None]
+    if val:
+        return "val", dict(marker="o", markersize=3, linewidth=1.5), val
+    train = [(t / 1000, tokens, loss) for _, tokens, t, loss in summary.get("train_curve") or []
+             if t is not None and loss is not None]
+    return "train loss, no val", dict(linestyle="--", linewidth=0.8), train
+
+
+def plot(summaries, out):
+    figure, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    cards = sorted({s.get("card") or "?" for s in summaries})
+    drawn = 0
+    for summary in summaries:
+        what, style, points = curves(summary)
+        if not points:
+            continue
+        seconds, tokens, losses = zip(*points)
+        label = f"{summary['name']} ({what})"
+        line, = by_time.plot(seconds, losses, label=label, **style)
+        by_tokens.plot([t / 1e6 if t is not None else None for t in tokens], losses, color=line.get_color(), **style)
+        drawn += 1
+    by_time.set_xlabel("training time (s; compile in, validation out)")
+    by_tokens.set_xlabel("tokens trained (millions)")
+    by_time.set_ylabel("loss")
+    for axes in (by_time, by_tokens):
+        axes.grid(alpha=0.3)
+    if drawn:
+        by_time.legend(fontsize=8)
+    else:
+        by_time.text(0.5, 0.5, "no loss points in these summaries", ha="center", transform=by_time.transAxes)
+    figure.suptitle(f"bench: loss vs time and tokens on {', '.join(cards)}")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("summaries", nargs="+", help="summary JSON files (one summary or a list each)")
+    parser.add_argument("--out", default="plot.png", help="PNG to write")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    print(plot(load_summaries(args.summaries), args.out))
+
+
+if __name__ == "__main__":
+    main()

