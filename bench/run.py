@@ -269,7 +269,7 @@ def summarize(run, config, device_info, nproc):
         "model_params": model_params,
         "tokens_per_step": tokens_per_step,
         "steps": len(steps),
-        "tokens_trained": None, "train_time_s": None,
+        "tokens_trained": None, "train_time_s": None, "train_time_ex_compile_s": None,
         "compile_warmup_s": None, "steady_from_step": None, "steady_step_ms": None, "steady_tokens_per_s": None,
         "flops_per_token": flops_per_token(model_params, config),
         "matmul_tflops": device_info["matmul_tflops"] if on_gpu else None,
@@ -283,10 +283,10 @@ def summarize(run, config, device_info, nproc):
     done = run["done"]
     if done:
         summary.update(tokens_trained=done["tokens"], peak_mem_mib=done["peak_mem_mib"],
-                       train_time_s=round(done["train_time_ms"] / 1000, 3) if done["train_time_ms"] else None)
+                       train_time_s=round(done["train_time_ms"] / 1000, 3) if done["train_time_ms"] is not None else None)
     elif steps:  # cut short: what it trained before it stopped
         summary.update(tokens_trained=steps[-1]["tokens"],
-                       train_time_s=round(steps[-1]["train_time_ms"] / 1000, 3) if steps[-1]["train_time_ms"] else None)
+                       train_time_s=round(steps[-1]["train_time_ms"] / 1000, 3) if steps[-1]["train_time_ms"] is not None else None)
     if steps:
         first = steady_window(len(steps))
         steady_ms = statistics.median(s["dt_ms"] for s in steps[first:])
@@ -295,6 +295,13 @@ def summarize(run, config, device_info, nproc):
             summary["steady_tokens_per_s"] = round(tokens_per_step / (steady_ms / 1000), 1)
         if len(steps) > 3 and first >= 3:
             summary["compile_warmup_s"] = round((sum(s["dt_ms"] for s in steps[:3]) - 3 * steady_ms) / 1000, 3)
+    # The logged train_time holds step 1's compile; the same clock with the compile estimate taken out:
+    compile_ms = max(0.0, summary["compile_warmup_s"] or 0.0) * 1000
+    for point in summary["val"]:
+        if point["train_time_ms"] is not None:
+            point["train_time_ex_compile_ms"] = round(max(0.0, point["train_time_ms"] - compile_ms), 1)
+    if summary["train_time_s"] is not None:
+        summary["train_time_ex_compile_s"] = round(max(0.0, summary["train_time_s"] - compile_ms / 1000), 3)
     if summary["flops_per_token"] and summary["steady_tokens_per_s"] and summary["matmul_tflops"]:
         gpus = summary["world_size"] or nproc
         summary["mfu"] = round(summary["flops_per_token"] * summary["steady_tokens_per_s"]
@@ -309,7 +316,7 @@ def fmt(value, spec="", suffix=""):
 def markdown_row(s):
     overrides = " ".join(s["overrides"]).replace("|", "\\|") or "—"
     launch = f"torchrun×{s['nproc']} " if s["torchrun"] else ""
-    return (f"| {s['name']} | {s['card']} | {s['torch']} | {s['script']} | {launch}`{overrides}` | "
+    return (f"| {s['name']} | {s.get('card') or '—'} | {s.get('torch') or '—'} | {s['script']} | {launch}`{overrides}` | "
             f"{fmt(s['tokens_trained'], ',')} | {fmt(s['compile_warmup_s'], '.1f')} | "
             f"{fmt(s['steady_tokens_per_s'], ',.0f')} | {fmt(s['mfu'] and 100 * s['mfu'], '.1f', '%')} | "
             f"{fmt(s['peak_mem_mib'], ',.0f')} | {fmt(s['final_val_loss'], '.4f')} | {fmt(s['final_train_loss'], '.4f')} | "

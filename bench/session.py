@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""A whole GPU benchmark session in one call: build the corpus, run a plan of benchmarks, collect the results.
+
+    python bench/session.py --budget-tokens 50M --time-limit 560 \\
+        --run "name=baseline torchrun=0 01-gpt2-baseline.py --compile=1 --batch_size=64" \\
+        --run "02-add-ddp.py --compile=1 --batch_size=64" \\
+        --run "steps=50 17-add-lm-head-logit-softcap.py --compile=1 --batch_size=64"
+
+A run is `[name=N] [budget=TOKENS | steps=N] [nproc=K] [torchrun=0|1] SCRIPT [--override=value ...]`: the bench
+options first (defaults: the script's name, --budget-tokens, --nproc, torchrun on), then the script, then its
+overrides. --plan takes the same runs from a file (one run a line, # comments) or JSON (a list of run strings or of
+objects {"script", "overrides", "name", "budget_tokens", "steps", "nproc", "torchrun"}), inline or in a file.
+
+The runs go one after the other; a failed run is recorded and the next one starts. After every run the output
+folder (--out, default $OUT if set, else bench_out) is rewritten, so a session cut off by a time limit still
+leaves its results; it stays flat and small (the GPU tool returns at most 8 files):
+  results.md        the markdown table (header + one row a run)
+  summaries.json    every run's summary (bench/run.py's fields; README.md explains them)
+  logs.txt          the corpus build, then each run's full output, one after the other
+  plot.png          val loss (train loss where a script has no validation) against time and against tokens
+  corpus_info.json  the corpus's info.json (counts, sha256)
+Run directories, checkpoints and per-run files stay in --work (default: a fresh temporary folder).
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIME_RESERVE_S = 25  # kept back from --time-limit to stop a run cleanly and write the results
+
+
+def load_sibling(name):
+    """bench/<name>.py as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_run = load_sibling("run")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan
+
+
+def parse_run_spec(spec):
+    """'name=x steps=50 17-....py --compile=1' -> {"script", "overrides", "name", ...}."""
+    words = shlex.split(spec) if isinstance(spec, str) else list(spec)
+    run = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        key, value = words.pop(0).split("=", 1)
+        if key not in ("name", "budget", "steps", "nproc", "torchrun"):
+            raise SystemExit(f"run {spec!r}: unknown bench option {key!r} (name, budget, steps, nproc, torchrun)")
+        run[{"budget": "budget_tokens"}.get(key, key)] = value
+    if not words:
+        raise SystemExit(f"run {spec!r} names no script")
+    run["script"], run["overrides"] = words[0], words[1:]
+    return normalize_run(run)
+
+
+def normalize_run(run):
+    run = dict(run)
+    if "script" not in run:
+        raise SystemExit(f"plan entry {run} has no script")
+    if isinstance(run.get("overrides"), str):
+        run["overrides"] = shlex.split(run["overrides"])
+    run.setdefault("overrides", [])
+    for key in ("budget_tokens", "steps"):
+        if run.get(key) is not None:
+            run[key] = bench_run.parse_count(run[key])
+    if run.get("budget_tokens") and run.get("steps"):
+        raise SystemExit(f"plan entry {run}: give budget or steps, not both")
+    if run.get("nproc") is not None:
+        run["nproc"] = int(run["nproc"])
+    if run.get("torchrun") is not None and not isinstance(run["torchrun"], bool):
+        run["torchrun"] = str(run["torchrun"]).lower() in ("1", "true", "yes", "on")
+    return run
+
+
+def load_plan(plan):
+    """Runs from --plan: a file or inline text; JSON (list of strings or objects) or one run a line."""
+    text = plan
+    if os.path.isfile(plan):
+        with open(plan, encoding="utf-8") as f:
+            text = f.read()
+    if text.lstrip().startswith(("[", "{")):
+        entries = json.loads(text)
+        entries = entries if isinstance(entries, list) else [entries]
+        return [parse_run_spec(e) if isinstance(e, str) else normalize_run(e) for e in entries]
+    lines = [line.strip() for line in text.splitlines()]
+    return [parse_run_spec(line) for line in lines if line and not line.startswith("#")]
+
+
+def unique_names(runs):
+    taken = set()
+    for run in runs:
+        base = run.get("name") or os.path.splitext(os.path.basename(run["script"]))[0]
+        name, suffix = base, 1
+        while name in taken:
+            suffix += 1
+            name = f"{base}-{suffix}"
+        taken.add(name)
+        run["name"] = name
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps of the session
+
+
+def tee(command, log, prefix=""):
+    """Run command, printing its output and appending it to the open log file; returns (rc, output text)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, errors="replace")
+    output = []
+    for line in process.stdout:
+        print(prefix + line, end="", flush=True)
+        output.append(line)
+        if log is not None:
+            log.write(line)
+            log.flush()
+    return process.wait(), "".join(output)
+
+
+def build_corpus(args, log):
+    info_path = os.path.join(args.corpus, "info.json")
+    log.write(f"==== corpus: {args.corpus}\n")
+    if os.path.exists(info_path):
+        print(f"session: corpus {args.corpus} exists (info.json): not rebuilding", flush=True)
+        log.write("exists: not rebuilt\n")
+    else:
+        command = [sys.executable, os.path.join(HERE, "make_corpus.py"), "--out", args.corpus, "--seed", str(args.seed),
+                   "--val-tokens", str(args.val_tokens), "--text-mb", str(args.text_mb), "--workers", str(args.workers)]
+        if args.roots:
+            command += ["--roots", *args.roots]
+        print("session: " + shlex.join(command), flush=True)
+        returncode, _ = tee(command, log)
+        if returncode != 0 or not os.path.exists(info_path):
+            raise SystemExit(f"session: the corpus build failed (rc={returncode}); see {log.name}")
+    shutil.copyfile(info_path, os.path.join(args.out, "corpus_info.json"))
+    with open(info_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def runner_command(args, run):
+    command = [sys.executable, os.path.join(HERE, "run.py"), "--script", run["script"], "--corpus", args.corpus,
+               "--out", args.work, "--name", run["name"], "--probe-file", os.path.join(args.work, "probe.json"),
+               "--nproc", str(run.get("nproc") or args.nproc), "--quiet"]
+    if run.get("steps"):
+        command += ["--steps", str(run["steps"])]
+    else:
+        command += ["--budget-tokens", str(run.get("budget_tokens") or args.budget_tokens)]
+    if run.get("torchrun") is False:
+        command.append("--no-torchrun")
+    return command
+
+
+def failed_summary(run, status, output):
+    """A summary for a run that produced none (skipped, or the runner itself failed)."""
+    summary = {key: None for key in ("card", "torch", "tokens_trained", "compile_warmup_s", "steady_tokens_per_s",
+                                     "mfu", "peak_mem_mib", "final_val_loss", "final_train_loss", "train_time_s",
+                                     "wall_s")}
+    summary.update(name=run["name"], script=os.path.basename(run["script"]), overrides=run["overrides"],
+                   nproc=run.get("nproc") or 1, torchrun=run.get("torchrun") is not False, status=status,
+                   date=time.strftime("%Y-%m-%d", time.gmtime()), val=[], train_curve=[], error_tail=output[-3000:])
+    summary["row"] = bench_run.markdown_row(summary)
+    return summary
+
+
+def write_results(args, summaries, corpus_info, session_command):
+    with open(os.path.join(args.out, "summaries.json"), "w", encoding="utf-8") as f:
+        json.dump(summaries, f, indent=1)
+    table = bench_run.ROW_HEADER + "\n" + "\n".join(s["row"] for s in summaries) + "\n"
+    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(f"<!-- {session_command} -->\n")
+        f.write(f"Corpus: {corpus_info['tokens']['train']:,} train + {corpus_info['tokens']['val']:,} val tokens of "
+                f"site-packages Python ({corpus_info['documents']['train'] + corpus_info['documents']['val']:,} files), "
+                f"sha256 {corpus_info['sha256'][:16]}…\n\n")
+        f.write(table)
+    try:
+        load_sibling("plot").plot(summaries, os.path.join(args.out, "plot.png"))
+    except Exception as error:  # a broken plot must not lose the table
+        print(f"session: plot failed: {error!r}", flush=True)
+    return table
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", default=[], help="one run (see above); repeat for more")
+    parser.add_argument("--plan", help="runs from a file or inline JSON (see above); before the --run ones")
+    parser.add_argument("--budget-tokens", type=bench_run.parse_count, default=50_000_000,
+                        help="tokens per run unless the run says budget= or steps= (default 50M)")
+    parser.add_argument("--nproc", type=int, default=1, help="torchrun processes per run unless it says nproc=")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="results folder")
+    parser.add_argument("--work", help="run directories and per-run files (default: a new temporary folder)")
+    parser.add_argument("--time-limit", type=float, default=0, help="seconds for the whole session (0 = none): a run "
+                        f"still going {TIME_RESERVE_S} s before it is stopped (its partial numbers kept) and later "
+                        "runs are skipped")
+    corpus = parser.add_argument_group("corpus (built unless --corpus holds info.json)")
+    corpus.add_argument("--corpus", default=os.path.join(tempfile.gettempdir(), "bench_corpus"))
+    corpus.add_argument("--roots", nargs="+")
+    corpus.add_argument("--seed", type=int, default=1337)
+    corpus.add_argument("--val-tokens", type=int, default=12_000_000)
+    corpus.add_argument("--text-mb", type=float, default=250)
+    corpus.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    runs = (load_plan(args.plan) if args.plan else []) + [parse_run_spec(spec) for spec in args.run]
+    if not runs:
+        parser.error("nothing to run: give --run or --plan")
+    args.corpus = os.path.abspath(args.corpus)
+    args.out = os.path.abspath(args.out)
+    args.work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix="bench-session-")
+    return args, unique_names(runs)
+
+
+def main(argv=None):
+    t0 = time.time()
+    argv = sys.argv[1:] if argv is None else argv
+    args, runs = parse_args(argv)
+    session_command = shlex.join(["python", "bench/session.py", *argv])
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    summaries = []
+    with open(os.path.join(args.out, "logs.txt"), "w", encoding="utf-8") as log:
+        log.write(f"==== session: {session_command}\n")
+        corpus_info = build_corpus(args, log)
+        for index, run in enumerate(runs, start=1):
+            banner = f"==== run {index}/{len(runs)}: {run['name']}: {run['script']} {shlex.join(run['overrides'])}"
+            print("\n" + banner, flush=True)
+            log.write(banner + "\n")
+            command = runner_command(args, run)
+            if args.time_limit:
+                left = args.time_limit - (time.time() - t0) - TIME_RESERVE_S
+                if left < 30:
+                    summaries.append(failed_summary(run, "skipped (time limit)", ""))
+                    log.write("skipped: the session's time limit is near\n")
+                    write_results(args, summaries, corpus_info, session_command)
+                    continue
+                command += ["--timeout", f"{left:.0f}"]
+            command += ["--", *run["overrides"]]
+            log.write("$ " + shlex.join(command) + "\n")
+            returncode, output = tee(command, None, prefix="  ")
+            summary_path = os.path.join(args.work, f"{run['name']}.summary.json")
+            stdout_log = os.path.join(args.work, f"{run['name']}.stdout.log")
+            if os.path.exists(stdout_log):  # the script's full output (the console got every tenth step)
+                with open(stdout_log, encoding="utf-8", errors="replace") as f:
+                    log.write(f.read())
+            if os.path.exists(summary_path):
+                with open(summary_path, encoding="utf-8") as f:
+                    summaries.append(json.load(f))
+            else:  # the runner itself stopped early: a bad override, a missing script, a failed probe
+                log.write(output)
+                summaries.append(failed_summary(run, f"failed (runner rc={returncode})", output))
+            log.write(f"==== {run['name']}: {summaries[-1]['status']}\n")
+            log.flush()
+            write_results(args, summaries, corpus_info, session_command)
+    table = write_results(args, summaries, corpus_info, session_command)
+    print(f"\nsession: {len(runs)} runs in {time.time() - t0:.0f}s; results in {args.out}\n")
+    print(table)
+    return 0 if all(s["status"] == "ok" for s in summaries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
