@@ -178,7 +178,7 @@ def plot(runs, out, smooth=0.0):
         lr_axis.plot(train["step"], train["lr"], color=color, label=label)
         speed_axis.plot(train["step"], train["tok_s"], color=color, label=label)
 
-    smoothed = f", train EMA {smooth}" if smooth else ""
+    smoothed = f" (EMA {smooth})" if smooth else ""
     by_tokens.set(title=f"loss vs tokens (solid: train{smoothed}; dashed o: val)", xlabel="tokens", ylabel="loss")
     by_time.set(title="loss vs training time (validation excluded)", xlabel=f"train_time ({time_unit})",
                 ylabel="loss")

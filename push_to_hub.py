@@ -35,15 +35,18 @@ def redact(message, token):
     return str(message).replace(token, "hf_***") if token else str(message)
 
 
-def is_run(path):
-    return os.path.isfile(os.path.join(path, "config.json"))
+def list_runs(runs_dir):
+    """The run directories in runs_dir: those holding a config.json."""
+    if not os.path.isdir(runs_dir):
+        return []
+    return [entry.path for entry in os.scandir(runs_dir) if os.path.isfile(os.path.join(entry.path, "config.json"))]
 
 
 def find_run(run=None, runs_dir="runs"):
     """The run directory to upload: `run` as a name under runs_dir or as a path; by default the newest run in
     runs_dir (the most recently started: config.json is written at the start; ties go to the later name)."""
     if run is None:
-        runs = [entry.path for entry in os.scandir(runs_dir) if is_run(entry.path)] if os.path.isdir(runs_dir) else []
+        runs = list_runs(runs_dir)
         if not runs:
             raise UploadError(f"no runs in {runs_dir}/: train one first (e.g. python 01-gpt2-baseline.py) "
                               "or point --runs-dir at the out_dir you trained with")
@@ -51,13 +54,13 @@ def find_run(run=None, runs_dir="runs"):
     else:
         run_dir = next((p for p in (os.path.join(runs_dir, run), run) if os.path.isdir(p)), None)
         if run_dir is None:
-            known = sorted(entry.name for entry in os.scandir(runs_dir) if is_run(entry.path)) \
-                if os.path.isdir(runs_dir) else []
-            raise UploadError(f"unknown run {run!r}: neither a run in {runs_dir}/ "
-                              f"(runs there: {', '.join(known) or 'none'}) nor a directory")
+            known = ", ".join(sorted(os.path.basename(p) for p in list_runs(runs_dir))) or "none"
+            raise UploadError(f"unknown run {run!r}: neither a run in {runs_dir}/ (runs there: {known}) "
+                              "nor a directory")
     for name in ("config.json", "log.txt"):
         if not os.path.isfile(os.path.join(run_dir, name)):
-            raise UploadError(f"{run_dir} has no {name}: not a run directory (every run writes config.json and log.txt)")
+            raise UploadError(f"{run_dir} has no {name}: not a run directory "
+                              "(every run writes config.json and log.txt)")
     return run_dir
 
 
@@ -110,8 +113,13 @@ def model_card(run_dir, repo_id, plan):
     header, done, train, val, hellaswag = log["header"], log["done"], log["train"], log["val"], log["hellaswag"]
     script = config.get("script") or header.get("script", "the training script")
     run_name = os.path.basename(os.path.abspath(run_dir))
-    weights = [(local, path) for local, path in plan if path.endswith("/model.safetensors")]
-    steps = sorted({path.split("/")[1] for _, path in plan if path.startswith("checkpoints/")})
+    weights = [path for _, path in plan if path.endswith("/model.safetensors")]  # oldest first
+    folders = sorted({path.split("/")[1] for _, path in plan if path.startswith("checkpoints/")})
+    if folders:
+        uploaded = (" and checkpoints " + ", ".join(f"`checkpoints/{name}/`" for name in folders) +
+                    " (`model.safetensors`: the weights; `state.pt`: optimizer, data position and RNG, for resuming).")
+    else:
+        uploaded = "; no checkpoints were uploaded."
 
     if done.get("tokens"):
         tokens = f"{int(float(done['tokens'])):,}"
@@ -145,15 +153,12 @@ def model_card(run_dir, repo_id, plan):
         "---", "license: mit", "library_name: pytorch", "tags:", "- gpt2", "- nanogpt", "- pretraining", "---", "",
         f"# {repo_id.split('/')[-1]}", "",
         f"A GPT-2-style language model pretrained from scratch by `{script}` (run `{run_name}`). This repository "
-        "holds the run's resolved `config.json`, its full `log.txt`" +
-        (f" and checkpoints {', '.join(f'`checkpoints/{s}/`' for s in steps)} (`model.safetensors`: the weights; "
-         "`state.pt`: optimizer, data position and RNG, for resuming)." if steps else
-         "; no checkpoints were uploaded."), "",
+        f"holds the run's resolved `config.json`, its full `log.txt`{uploaded}", "",
         "## Results", "", "| | |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows], "",
         "## Model config", "", "| field | value |", "|---|---|", *[f"| {k} | {_cell(config[k])} |" for k in fields], "",
     ]
     if weights:
-        lines += ["## Loading the weights", "", *_loading_snippet(repo_id, run_name, script, weights[-1][1]), ""]
+        lines += ["## Loading the weights", "", *_loading_snippet(repo_id, run_name, script, weights[-1]), ""]
     return "\n".join(lines)
 
 
@@ -162,7 +167,8 @@ def _loading_snippet(repo_id, run_name, script, weights):
 repository; importing it only defines things, it does not train):
 
 ```python
-# hf download {repo_id} --local-dir {run_name}    # then put {script} there too and run this in {run_name}/
+# hf download {repo_id} --local-dir {run_name}
+# then put {script} in {run_name}/ too and run this there
 import dataclasses
 import importlib.util
 import json

@@ -4,8 +4,9 @@
     python bench/plot.py --out plot.png bench_runs/a.summary.json bench_runs/b.summary.json
     python bench/plot.py --out plot.png bench_out/summaries.json          # a session's list of summaries
 
-Training time is the scripts' own train_time: compile is inside it (step 1), validation is not. A run with no
-validation (steps 01-03) is drawn with its train loss instead, as a thin dashed line, and says so in the legend.
+Training time is the scripts' own train_time (validation is outside it) minus the run's compile + warm-up
+estimate (step 1's dt holds torch.compile's compile time). A run with no validation (steps 01-03) is drawn with its
+train loss instead, as a thin dashed line, and says so in the legend.
 """
 
 import argparse
@@ -30,18 +31,23 @@ def load_summaries(paths):
 
 def curves(summary):
     """(label suffix, style, [(seconds, tokens, loss)]): the val points, else the train curve."""
-    val = [(p["train_time_ms"] / 1000, p["tokens"], p["val_loss"]) for p in summary.get("val") or []
-           if p.get("train_time_ms") is not None and p.get("val_loss") is not None]
+    compile_ms = max(0.0, summary.get("compile_warmup_s") or 0.0) * 1000
+
+    def seconds(train_time_ms):
+        return max(0.0, train_time_ms - compile_ms) / 1000
+
+    val = [(seconds(p["train_time_ms"]), p["tokens"], p["val_loss"]) for p in summary.get("val") or []
+           if p.get("train_time_ms") is not None and p.get("tokens") is not None and p.get("val_loss") is not None]
     if val:
         return "val", dict(marker="o", markersize=3, linewidth=1.5), val
-    train = [(t / 1000, tokens, loss) for _, tokens, t, loss in summary.get("train_curve") or []
-             if t is not None and loss is not None]
+    train = [(seconds(t), tokens, loss) for _, tokens, t, loss in summary.get("train_curve") or []
+             if t is not None and tokens is not None and loss is not None]
     return "train loss, no val", dict(linestyle="--", linewidth=0.8), train
 
 
 def plot(summaries, out):
     figure, (by_time, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    cards = sorted({s.get("card") or "?" for s in summaries})
+    cards = sorted({s["card"] for s in summaries if s.get("card")}) or ["?"]
     drawn = 0
     for summary in summaries:
         what, style, points = curves(summary)
@@ -50,9 +56,9 @@ def plot(summaries, out):
         seconds, tokens, losses = zip(*points)
         label = f"{summary['name']} ({what})"
         line, = by_time.plot(seconds, losses, label=label, **style)
-        by_tokens.plot([t / 1e6 if t is not None else None for t in tokens], losses, color=line.get_color(), **style)
+        by_tokens.plot([t / 1e6 for t in tokens], losses, color=line.get_color(), **style)
         drawn += 1
-    by_time.set_xlabel("training time (s; compile in, validation out)")
+    by_time.set_xlabel("training time (s; compile estimate and validation excluded)")
     by_tokens.set_xlabel("tokens trained (millions)")
     by_time.set_ylabel("loss")
     for axes in (by_time, by_tokens):

@@ -1,4 +1,5 @@
 """Shared test helpers: load lineage scripts as modules, find the offline data, keep tests off the network."""
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -63,12 +64,14 @@ def no_network(monkeypatch):
 
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, total_batch_size=128, max_steps=5,
-            warmup_steps=1, device="cpu")
+            warmup_steps=1, device="cpu", val_tokens=256, val_every=0)
 
 
-def tiny_args(data, out_dir, **overrides):
-    """Command-line arguments for a tiny CPU run (seconds): TINY's values, then the overrides."""
-    values = {**TINY, "data": data, "out_dir": out_dir, **overrides}
+def tiny_args(script, data, out_dir, **overrides):
+    """Command-line arguments for a tiny CPU run (seconds) of `script`: TINY's values for the fields the script
+    has (later steps add fields), then the overrides, which must all be fields of the script."""
+    fields = {f.name for f in dataclasses.fields(load_script(script).Config)}
+    values = {**{k: v for k, v in TINY.items() if k in fields}, "data": data, "out_dir": out_dir, **overrides}
     return [f"--{key}={value}" for key, value in values.items()]
 
 

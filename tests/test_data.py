@@ -82,14 +82,14 @@ def test_position_is_saved_and_restored_exactly(script, tmp_path):
 def test_trains_on_a_shard_folder(script, tmp_path):
     module = load_script(script)
     folder = write_shards(tmp_path / "shards")
-    result = module.main(tiny_args(folder, tmp_path / "runs", max_steps=2))
+    result = module.main(tiny_args(script, folder, tmp_path / "runs", max_steps=2))
     assert len(result["losses"]) == 2
 
 
 @pytest.mark.parametrize("script", scripts_from(3))
 def test_text_file_holds_out_its_tail_as_val(script, shakespeare, tmp_path):
     module = load_script(script)
-    cfg = module.parse_config(tiny_args(shakespeare, tmp_path, val_fraction=0.25))
+    cfg = module.parse_config(tiny_args(script, shakespeare, tmp_path, val_fraction=0.25))
     (train,), (val,) = module.data_splits(cfg)
     tokens = module.load_text_tokens(shakespeare)
     assert len(val) == int(len(tokens) * 0.25)

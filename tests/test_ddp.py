@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, load_script, logged_steps, scripts_from, tiny_args
+from conftest import REPO, load_script, logged_steps, script_number, scripts_from, tiny_args
 
 
 def torchrun(script, args, nproc=2):
@@ -23,8 +23,11 @@ def test_two_ranks_match_one_process(script, shakespeare, tmp_path):
     # 2 ranks x 2 micro-steps x 2 sequences == 1 process x 4 micro-steps x 2 sequences: the same 512 tokens per
     # step. The learning rate is high so any error in accumulation, averaging or sync shows in later losses.
     args = dict(batch_size=2, total_batch_size=256, max_steps=4, learning_rate=1e-2, warmup_steps=0)
-    single = load_script(script).main(tiny_args(shakespeare, tmp_path, run_name="single", **args))
-    torchrun(script, tiny_args(shakespeare, tmp_path, run_name="ddp", **args))
+    has_validation = script_number(script) >= 4
+    if has_validation:
+        args.update(val_every=2, val_tokens=512)
+    single = load_script(script).main(tiny_args(script, shakespeare, tmp_path, run_name="single", **args))
+    torchrun(script, tiny_args(script, shakespeare, tmp_path, run_name="ddp", **args))
     ddp_dir = os.path.join(tmp_path, "ddp")
     assert len(single["losses"]) == 4
     assert single["losses"][-1] < single["losses"][0] - 0.5  # it trained, so the later steps carry information
@@ -33,6 +36,10 @@ def test_two_ranks_match_one_process(script, shakespeare, tmp_path):
     # averaging, or skipping the loss division, would scale it.
     single_norms = logged_steps(single["run_dir"], "grad_norm")
     assert list(logged_steps(ddp_dir, "grad_norm").values()) == pytest.approx(list(single_norms.values()), rel=1e-3)
+    if has_validation:  # validation gives the same numbers at any world size
+        single_val = logged_steps(single["run_dir"], "val_loss")
+        assert sorted(single_val) == [0, 2, 4]
+        assert logged_steps(ddp_dir, "val_loss") == pytest.approx(single_val, abs=1e-4)
     assert not os.path.exists(os.path.join(tmp_path, "ddp-2"))  # one run directory, written by rank 0 only
 
 
@@ -41,4 +48,4 @@ def test_world_size_must_divide_the_batch(script, shakespeare, tmp_path, monkeyp
     module = load_script(script)
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit, match="total_batch_size=256.*world_size"):
-        module.parse_config(tiny_args(shakespeare, tmp_path, batch_size=2, total_batch_size=256))
+        module.parse_config(tiny_args(script, shakespeare, tmp_path, batch_size=2, total_batch_size=256))

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, load_script, scripts_from
+from conftest import REPO, TINY, load_script, script_number, scripts_from, tiny_args
 
 sys.path.insert(0, REPO)
 import plot_runs  # noqa: E402  (a repo-root tool, not a package)
@@ -135,22 +135,23 @@ def test_bad_input_is_a_clear_error(tmp_path, argv, message):
     assert not (tmp_path / "x.png").exists()
 
 
-# The real thing: a tiny CPU run of the baseline script, once it exists (the parameter list is built at
-# collection time, so the real-run case is there exactly when 01 is).
-@pytest.mark.parametrize("source", ["synthetic"] + scripts_from(1, 1))
+# The real thing: tiny CPU runs of the baseline (01) and of the first script with validation (04), once they exist
+# (the parameter list is built at collection time, so a real-run case is there exactly when its script is).
+@pytest.mark.parametrize("source", ["synthetic"] + scripts_from(1, 1) + scripts_from(4, 4))
 def test_plot_from_a_run_log(source, tmp_path, shakespeare):
     if source == "synthetic":
-        run_dir, steps = write_run(tmp_path, "with-val", SYNTHETIC_LOG), 4
+        run_dir, steps, tokens_per_step = write_run(tmp_path, "with-val", SYNTHETIC_LOG), 4, 128
     else:
-        result = load_script(source).main([
-            "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-            "--total_batch_size=128", "--max_steps=5", "--warmup_steps=1", f"--data={shakespeare}",
-            f"--out_dir={tmp_path / 'runs'}", "--run_name=tiny"])
-        run_dir, steps = result["run_dir"], 5
+        result = load_script(source).main(tiny_args(source, shakespeare, str(tmp_path / "runs"), run_name="tiny"))
+        run_dir, steps, tokens_per_step = result["run_dir"], TINY["max_steps"], TINY["total_batch_size"]
     train = plot_runs.parse_log(os.path.join(run_dir, "log.txt"))["train"]
     assert train["step"] == list(range(1, steps + 1))
-    assert train["tokens"] == [128 * step for step in train["step"]]  # total_batch_size tokens per step
+    assert train["tokens"] == [tokens_per_step * step for step in train["step"]]
     assert all(loss > 0 for loss in train["loss"]) and train["train_time"] == sorted(train["train_time"])
+    val = plot_runs.parse_log(os.path.join(run_dir, "log.txt"))["val"]
+    if source == "synthetic" or script_number(source) >= 4:  # validation exists from 04 (at least at the end)
+        assert val["step"] and val["step"][-1] == steps and val["tokens"][-1] == train["tokens"][-1]
+        assert all(loss > 0 for loss in val["val_loss"])
     out = tmp_path / "plot.png"
     plot_runs.main([run_dir, f"--out={out}"])
     assert out.read_bytes()[:8] == PNG_MAGIC

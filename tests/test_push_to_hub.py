@@ -13,15 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
-from conftest import REPO, load_script, script_number, scripts_from
+from conftest import REPO, TINY, load_script, script_number, scripts_from, tiny_args
 
 sys.path.insert(0, REPO)
 import push_to_hub  # noqa: E402  (a repo-root tool, not a package)
 
 FAKE_TOKEN = "hf_FAKEtoken1234567890abcdefSECRET"
 RUN_NAME = "20250101-120000"
-TINY_ARGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-             "--total_batch_size=128", "--max_steps=5", "--warmup_steps=1", "--run_name=tiny"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # A synthetic run, written exactly as the conventions lay a run directory out. Its "script" is a stand-in with the
@@ -130,7 +128,7 @@ def synthetic_run(tmp_path):
     return make_synthetic_run(str(tmp_path / "runs"))
 
 
-# Real tiny CPU runs of the lead's scripts, once they exist: 01 (no checkpoints) and 06 (checkpoints). The
+# Real tiny CPU runs of the lead's scripts, once they exist: 01 (baseline), 04 (validation), 06 (checkpoints). The
 # parameter lists below are built at collection time, so these cases exist exactly when the scripts do.
 _real_runs = {}
 
@@ -138,14 +136,13 @@ _real_runs = {}
 def real_run(script, tmp_path_factory, shakespeare):
     """Run the script once per session; returns its run directory."""
     if script not in _real_runs:
-        args = TINY_ARGS + [f"--data={shakespeare}", f"--out_dir={tmp_path_factory.mktemp('runs')}"]
-        if script_number(script) >= 6:
-            args += ["--ckpt_every=2", "--keep_last=10"]
+        checkpointing = dict(ckpt_every=2, keep_last=10) if script_number(script) >= 6 else {}
+        args = tiny_args(script, shakespeare, str(tmp_path_factory.mktemp("runs")), run_name="tiny", **checkpointing)
         _real_runs[script] = load_script(script).main(args)["run_dir"]
     return _real_runs[script]
 
 
-REAL_RUNS = scripts_from(1, 1) + scripts_from(6, 6)
+REAL_RUNS = scripts_from(1, 1) + scripts_from(4, 4) + scripts_from(6, 6)
 CHECKPOINT_RUNS = scripts_from(6, 6)
 
 
@@ -317,11 +314,16 @@ def test_model_card_of_any_run(any_run):
     assert f"`{config['script']}`" in card
     if source != "synthetic":
         assert config["script"] == source
-        assert f"| tokens seen | {5 * 128:,} |" in card  # 5 steps of total_batch_size tokens, from the done line
+        tokens = TINY["max_steps"] * TINY["total_batch_size"]  # from the done line
+        assert f"| tokens seen | {tokens:,} |" in card
         assert "| training time | " in card and "unknown" not in card
         assert "| n_layer | `2` |" in card and "| n_embd | `32` |" in card and "| block_size | `32` |" in card
-    if not log["val"]["step"]:
+    if log["val"]["step"]:
+        assert f"| final val loss | {log['val']['val_loss'][-1]:.4f} (step {log['val']['step'][-1]}) |" in card
+    else:
         assert "| final val loss | not measured |" in card
+    if source != "synthetic" and script_number(source) >= 4:
+        assert log["val"]["step"], "validation runs at least at the end from 04 on"
     assert ("load_model(" in card) == bool(push_to_hub.checkpoints(run_dir))
 
 
