@@ -8,13 +8,6 @@ disjoint batches; the loader's position is a small dict that can be saved and re
 FineWeb-Edu is this step's point, so the defaults change to that run: 19,073 steps of 524,288 tokens (10B
 tokens, one epoch of sample-10BT) with 715 warmup steps, as in GPT-3 small. The demo preset uses input.txt.
 
-Data-parallel training with DistributedDataParallel: every process (rank) holds a copy of the model and reads
-its own slice of each batch; gradients are averaged across ranks on the last micro-step only; the logged loss
-is the average over ranks; only rank 0 prints and writes files. The global batch (total_batch_size) is the
-same at any world size: gradient accumulation = total_batch_size / (world_size * batch_size * block_size),
-so one process and N processes train on the same tokens and give the same losses. Plain `python` runs one
-process, exactly as step 01.
-
 Run:
     python fineweb-npy.py                                                # once: data/edu_fineweb10B
     torchrun --standalone --nproc_per_node=4 03-add-fineweb-edu-shards.py                # 4 GPUs

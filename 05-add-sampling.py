@@ -8,13 +8,6 @@ tokens (rounded down), so early gibberish stays short and later text has room. T
 generator seeded with seed + step: the same run gives the same samples. Sampling time is not counted in
 train_time.
 
-Data-parallel training with DistributedDataParallel: every process (rank) holds a copy of the model and reads
-its own slice of each batch; gradients are averaged across ranks on the last micro-step only; the logged loss
-is the average over ranks; only rank 0 prints and writes files. The global batch (total_batch_size) is the
-same at any world size: gradient accumulation = total_batch_size / (world_size * batch_size * block_size),
-so one process and N processes train on the same tokens and give the same losses. Plain `python` runs one
-process, exactly as step 01.
-
 Run:
     python fineweb-npy.py                                                # once: data/edu_fineweb10B
     torchrun --standalone --nproc_per_node=4 05-add-sampling.py          # 4 GPUs

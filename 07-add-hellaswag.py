@@ -8,13 +8,6 @@ correct ending. Rank r scores examples r, r + world_size, ...; the counts are su
 at any world size. The official hellaswag_val.jsonl is read from hellaswag_path; only when it is missing and
 the eval is switched on is it downloaded, once, before training starts. Eval time is not in train_time.
 
-Data-parallel training with DistributedDataParallel: every process (rank) holds a copy of the model and reads
-its own slice of each batch; gradients are averaged across ranks on the last micro-step only; the logged loss
-is the average over ranks; only rank 0 prints and writes files. The global batch (total_batch_size) is the
-same at any world size: gradient accumulation = total_batch_size / (world_size * batch_size * block_size),
-so one process and N processes train on the same tokens and give the same losses. Plain `python` runs one
-process, exactly as step 01.
-
 Run:
     python fineweb-npy.py                                                # once: data/edu_fineweb10B
     torchrun --standalone --nproc_per_node=4 07-add-hellaswag.py --hellaswag_every=250    # 4 GPUs

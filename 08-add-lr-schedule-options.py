@@ -7,13 +7,6 @@ cooldown_fraction of the run (1.0, the default, starts it right after the warmup
 learning_rate * min_lr_ratio along a cosine or a straight line (lr_decay). min_lr is a hard floor in absolute
 terms that no phase goes below, the warmup's first steps included.
 
-Data-parallel training with DistributedDataParallel: every process (rank) holds a copy of the model and reads
-its own slice of each batch; gradients are averaged across ranks on the last micro-step only; the logged loss
-is the average over ranks; only rank 0 prints and writes files. The global batch (total_batch_size) is the
-same at any world size: gradient accumulation = total_batch_size / (world_size * batch_size * block_size),
-so one process and N processes train on the same tokens and give the same losses. Plain `python` runs one
-process, exactly as step 01.
-
 Run:
     python fineweb-npy.py                                                # once: data/edu_fineweb10B
     torchrun --standalone --nproc_per_node=4 08-add-lr-schedule-options.py --warmup_tokens=375000000
