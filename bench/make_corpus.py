@@ -333,6 +333,8 @@ def build(args):
 
     text_bytes, text_documents = write_text(os.path.join(args.out, "train.txt"),
                                             (documents[i][1] for i in train_docs), args.text_mb * 2**20)
+    # the scripts tokenize train.txt without the EOTs (and with the blank-line joins): close to these tokens
+    text_tokens = int(sum(lengths[i] for i in train_docs[:text_documents]))
     info = {
         "name": NAME,
         "roots": roots,
@@ -345,7 +347,8 @@ def build(args):
         "val_tokens_target": args.val_tokens,
         "shard_size": args.shard_size,
         "shards": shards,
-        "text_file": {"file": "train.txt", "bytes": text_bytes, "documents": text_documents},
+        "text_file": {"file": "train.txt", "bytes": text_bytes, "documents": text_documents,
+                      "tokens_approx": text_tokens},
         "max_file_kb": args.max_file_kb,
         "eot": EOT,
         "sha256": stream_hash.hexdigest(),

@@ -15,7 +15,8 @@ How each number is measured (README.md has the long form):
 - steady tokens/s: the median step's dt over the steps after the first max(5, 10% of the steps), as tokens per
   step / median dt. dt is the script's own per-step wall time; validation is outside it.
 - compile + warm-up seconds: sum of the first 3 steps' dt minus 3 x the median steady dt (step 1 holds
-  torch.compile's compile time; steps 2-3 often recompile or autotune).
+  torch.compile's compile time; steps 2-3 often recompile or autotune). Each run gets empty inductor/Triton
+  caches unless --warm-compile-cache, so this is a cold compile whatever ran before.
 - MFU: model FLOPs per token x steady tokens/s / (GPUs x this card's measured bf16 matmul rate), the rate timed
   here on an 8192^3 bf16 product (not the datasheet's peak). Null on CPU.
 - model FLOPs per token: 6 N + 12 n_layer n_embd block_size (the PaLM / nanoGPT estimate: 6 N for the forward
@@ -116,6 +117,15 @@ def resolved_config(path, overrides):
     if override_value(overrides, "total_batch_size") is not None:
         config["total_batch_size"] = int(override_value(overrides, "total_batch_size"))
     return config
+
+
+def corpus_text_tokens(corpus):
+    """About how many tokens the corpus's train.txt holds (info.json), or None."""
+    try:
+        with open(os.path.join(corpus, "info.json"), encoding="utf-8") as f:
+            return json.load(f)["text_file"]["tokens_approx"]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def tiktoken_env():
@@ -407,6 +417,11 @@ def benchmark(args, overrides):
         data = os.path.join(corpus, "train.txt") if text_data else corpus
         if not os.path.exists(data):
             raise SystemExit(f"{data} does not exist: build the corpus with bench/make_corpus.py --out {corpus}")
+        text_tokens = corpus_text_tokens(corpus) if text_data else None
+        if text_tokens and max_steps * total_batch_size > text_tokens:
+            print(f"bench: warning: {data} holds about {text_tokens:,} tokens, fewer than the "
+                  f"{max_steps * total_batch_size:,} to train: the run repeats data (rebuild with a larger --text-mb)",
+                  flush=True)
         extra.insert(0, f"--data={data}")
     script_args = list(overrides) + extra
     if args.torchrun:
@@ -418,6 +433,11 @@ def benchmark(args, overrides):
     cpu_only = (override_value(overrides, "device") or "").lower() == "cpu"
     device_info = probe_device(args.probe_file, cpu_only=cpu_only)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **tiktoken_env()}
+    if not args.warm_compile_cache:
+        # Fresh inductor and Triton caches: otherwise a run compiling the same graph as an earlier one (01 then
+        # 02) loads its kernels from disk and its compile time says nothing about a cold start.
+        cache = os.path.join(out, "compile_cache", name)
+        env.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
     print(f"bench: {name}: {max_steps} steps x {total_batch_size} tokens = {max_steps * total_batch_size:,} tokens "
           f"(budget {budget:,}); card {device_info['card']}, bf16 matmul {device_info['matmul_tflops']} TFLOP/s",
           flush=True)
@@ -447,6 +467,7 @@ def benchmark(args, overrides):
         "nproc": args.nproc,
         "torchrun": args.torchrun,
         "budget_tokens": budget,
+        "compile_cache": "shared" if args.warm_compile_cache else "fresh",
         "max_steps": max_steps,
         "status": status,
         "returncode": returncode,
@@ -493,6 +514,8 @@ def parse_args(argv):
                         "the summary then holds what it trained so far, status 'timeout'")
     parser.add_argument("--probe-file", help="JSON cache of the card's name and measured matmul rate (read if it "
                         "exists, written if not), so a session measures the card once")
+    parser.add_argument("--warm-compile-cache", action="store_true", help="let the run use the machine's "
+                        "torch.compile caches (faster; compile_warmup_s then measures a warm start), instead of fresh ones")
     parser.add_argument("--quiet", action="store_true", help="echo only every tenth train step")
     args = parser.parse_args(argv)
     if args.nproc < 1:

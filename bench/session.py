@@ -161,6 +161,8 @@ def runner_command(args, run):
         command += ["--budget-tokens", str(run.get("budget_tokens") or args.budget_tokens)]
     if run.get("torchrun") is False:
         command.append("--no-torchrun")
+    if args.warm_compile_cache:
+        command.append("--warm-compile-cache")
     return command
 
 
@@ -201,6 +203,8 @@ def parse_args(argv):
     parser.add_argument("--budget-tokens", type=bench_run.parse_count, default=50_000_000,
                         help="tokens per run unless the run says budget= or steps= (default 50M)")
     parser.add_argument("--nproc", type=int, default=1, help="torchrun processes per run unless it says nproc=")
+    parser.add_argument("--warm-compile-cache", action="store_true", help="runs share torch.compile caches "
+                        "(saves ~30 s a compiled run after the first; compile times are then warm starts)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="results folder")
     parser.add_argument("--work", help="run directories and per-run files (default: a new temporary folder)")
     parser.add_argument("--time-limit", type=float, default=0, help="seconds for the whole session (0 = none): a run "
