@@ -446,7 +446,10 @@ class Optimizers:
 
     def __init__(self, *optimizers):
         self.optimizers = optimizers
-        self.param_groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+
+    @property
+    def param_groups(self):  # looked up each time: load_state_dict() replaces the optimizers' group dicts
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
     def zero_grad(self, set_to_none=True):
         for optimizer in self.optimizers:

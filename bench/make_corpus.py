@@ -329,7 +329,8 @@ def build(args):
     stream_hash.update(train.astype("<u2").tobytes())
     for index, start in enumerate(range(0, len(train), args.shard_size), start=1):
         piece = train[start:start + args.shard_size]
-        shards.append({"file": os.path.basename(write_shard(args.out, "train", index, piece)), "tokens": int(len(piece))})
+        path = write_shard(args.out, "train", index, piece)
+        shards.append({"file": os.path.basename(path), "tokens": int(len(piece))})
 
     text_bytes, text_documents = write_text(os.path.join(args.out, "train.txt"),
                                             (documents[i][1] for i in train_docs), args.text_mb * 2**20)

@@ -294,12 +294,13 @@ def summarize(run, config, device_info, nproc):
         "hellaswag_acc": run["hellaswag"][-1]["acc"] if run["hellaswag"] else None,
     }
     done = run["done"]
+    last = done or (steps[-1] if steps else None)  # without a done line the run was cut short: what it trained
+    if last:
+        summary["tokens_trained"] = last["tokens"]
+        if last["train_time_ms"] is not None:
+            summary["train_time_s"] = round(last["train_time_ms"] / 1000, 3)
     if done:
-        summary.update(tokens_trained=done["tokens"], peak_mem_mib=done["peak_mem_mib"],
-                       train_time_s=round(done["train_time_ms"] / 1000, 3) if done["train_time_ms"] is not None else None)
-    elif steps:  # cut short: what it trained before it stopped
-        summary.update(tokens_trained=steps[-1]["tokens"],
-                       train_time_s=round(steps[-1]["train_time_ms"] / 1000, 3) if steps[-1]["train_time_ms"] is not None else None)
+        summary["peak_mem_mib"] = done["peak_mem_mib"]
     if steps:
         first = steady_window(len(steps))
         steady_ms = statistics.median(s["dt_ms"] for s in steps[first:])
@@ -329,11 +330,13 @@ def fmt(value, spec="", suffix=""):
 def markdown_row(s):
     overrides = " ".join(s["overrides"]).replace("|", "\\|") or "—"
     launch = f"torchrun×{s['nproc']} " if s["torchrun"] else ""
-    return (f"| {s['name']} | {s.get('card') or '—'} | {s.get('torch') or '—'} | {s['script']} | {launch}`{overrides}` | "
-            f"{fmt(s['tokens_trained'], ',')} | {fmt(s['compile_warmup_s'], '.1f')} | "
-            f"{fmt(s['steady_tokens_per_s'], ',.0f')} | {fmt(s['mfu'] and 100 * s['mfu'], '.1f', '%')} | "
-            f"{fmt(s['peak_mem_mib'], ',.0f')} | {fmt(s['final_val_loss'], '.4f')} | {fmt(s['final_train_loss'], '.4f')} | "
-            f"{fmt(s['train_time_s'], '.1f')} | {fmt(s['wall_s'], '.1f')} | {s['status']} | {s['date']} |")
+    mfu = None if s["mfu"] is None else 100 * s["mfu"]
+    cells = [s["name"], s.get("card") or "—", s.get("torch") or "—", s["script"], f"{launch}`{overrides}`",
+             fmt(s["tokens_trained"], ","), fmt(s["compile_warmup_s"], ".1f"), fmt(s["steady_tokens_per_s"], ",.0f"),
+             fmt(mfu, ".1f", "%"), fmt(s["peak_mem_mib"], ",.0f"), fmt(s["final_val_loss"], ".4f"),
+             fmt(s["final_train_loss"], ".4f"), fmt(s["train_time_s"], ".1f"), fmt(s["wall_s"], ".1f"), s["status"],
+             s["date"]]
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -515,7 +518,7 @@ def parse_args(argv):
     parser.add_argument("--probe-file", help="JSON cache of the card's name and measured matmul rate (read if it "
                         "exists, written if not), so a session measures the card once")
     parser.add_argument("--warm-compile-cache", action="store_true", help="let the run use the machine's "
-                        "torch.compile caches (faster; compile_warmup_s then measures a warm start), instead of fresh ones")
+                        "torch.compile caches (faster; compile_warmup_s then measures a warm start)")
     parser.add_argument("--quiet", action="store_true", help="echo only every tenth train step")
     args = parser.parse_args(argv)
     if args.nproc < 1:

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """A whole GPU benchmark session in one call: build the corpus, run a plan of benchmarks, collect the results.
 
-    python bench/session.py --budget-tokens 50M --time-limit 560 \\
-        --run "name=baseline torchrun=0 01-gpt2-baseline.py --compile=1 --batch_size=64" \\
+    python bench/session.py --budget-tokens 50M --text-mb 120 --time-limit 580 \\
+        --run "torchrun=0 01-gpt2-baseline.py --compile=1 --batch_size=64" \\
         --run "02-add-ddp.py --compile=1 --batch_size=64" \\
-        --run "steps=50 17-add-lm-head-logit-softcap.py --compile=1 --batch_size=64"
+        --run "steps=50 17-add-lm-head-logit-softcap.py --compile=1 --batch_size=64 --warmup_steps=10 \\
+               --ckpt_every=0 --sample_every=0"
 
 A run is `[name=N] [budget=TOKENS | steps=N] [nproc=K] [torchrun=0|1] SCRIPT [--override=value ...]`: the bench
 options first (defaults: the script's name, --budget-tokens, --nproc, torchrun on), then the script, then its
@@ -182,11 +183,11 @@ def write_results(args, summaries, corpus_info, session_command):
     with open(os.path.join(args.out, "summaries.json"), "w", encoding="utf-8") as f:
         json.dump(summaries, f, indent=1)
     table = bench_run.ROW_HEADER + "\n" + "\n".join(s["row"] for s in summaries) + "\n"
+    tokens, documents = corpus_info["tokens"], corpus_info["documents"]
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(f"<!-- {session_command} -->\n")
-        f.write(f"Corpus: {corpus_info['tokens']['train']:,} train + {corpus_info['tokens']['val']:,} val tokens of "
-                f"site-packages Python ({corpus_info['documents']['train'] + corpus_info['documents']['val']:,} files), "
-                f"sha256 {corpus_info['sha256'][:16]}…\n\n")
+        f.write(f"Corpus: {tokens['train']:,} train + {tokens['val']:,} val tokens of site-packages Python "
+                f"({documents['train'] + documents['val']:,} files), sha256 {corpus_info['sha256'][:16]}…\n\n")
         f.write(table)
     try:
         load_sibling("plot").plot(summaries, os.path.join(args.out, "plot.png"))

@@ -179,6 +179,7 @@ def test_corpus_text_file_holds_whole_train_documents(corpus):
     # the first train documents of the stream, whole, each followed by a blank line, within --text-mb 0.01
     assert text == "".join(d + "\n\n" for d in train_docs[:count])
     assert 0 < count < len(train_docs)
+    assert info["text_file"]["tokens_approx"] == sum(len(d) + 1 for d in split_documents(train)[:count])
     assert len(text.encode()) <= 0.01 * 2**20 < len((text + train_docs[count] + "\n\n").encode())
 
 
@@ -334,9 +335,10 @@ def main(argv):
     values = dict(a[2:].split("=", 1) for a in argv)
     run_dir = os.path.join(values["out_dir"], values["run_name"])
     os.makedirs(run_dir)
+    print("inductor_cache:" + os.environ.get("TORCHINDUCTOR_CACHE_DIR", "unset"), flush=True)
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
         for step in range(1, int(values["max_steps"]) + 1):
-            line = f"step:{step}/{values['max_steps']} loss:5.0 dt:100.0ms tokens:{100 * step} train_time:{100 * step}ms"
+            line = f"step:{step}/{values['max_steps']} loss:5.0 dt:100.0ms tokens:{100 * step} train_time:{step}00ms"
             print(line, flush=True)
             log.write(line + "\\n")
             log.flush()
@@ -359,6 +361,16 @@ def test_runner_timeout_keeps_partial_numbers(tmp_path):
     with open(tmp_path / "stub.summary.json") as f:
         s = json.load(f)
     assert s["status"] == "timeout" and 0 < s["steps"] < 1000 and s["tokens_trained"] == 100 * s["steps"]
+    # each run compiles cold: empty torch.compile caches of its own
+    assert f"inductor_cache:{tmp_path / 'compile_cache' / 'stub'}" in (tmp_path / "stub.stdout.log").read_text()
+    assert s["compile_cache"] == "fresh"
+
+
+def test_runner_passes_a_verified_tokenizer_cache(tmp_path, monkeypatch):
+    """An image may set TIKTOKEN_CACHE_DIR to a folder without the GPT-2 files: the child gets one that has them."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    folder = bench_run.tiktoken_env()["TIKTOKEN_CACHE_DIR"]
+    assert folder != str(tmp_path) and make_corpus.is_tiktoken_cache(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,282 @@
+"""Model and optimizer options, steps 09-17: each option changes what it claims, its default is the parent's
+model exactly, and every script that has the option is tested (so later steps cannot silently break it)."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SCRIPTS, load_script, script_number, scripts_from, tiny_args
+
+SMALL = ["--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=16", "--vocab_size=50304"]
+
+
+def build(module, *options, seed=0):
+    cfg = module.parse_config(SMALL + list(options))
+    torch.manual_seed(seed)
+    return module.GPT(cfg), cfg
+
+
+def train_briefly(module, *options, steps=25):
+    """Losses of a few optimizer steps on one fixed batch (the scheduled rate is the peak)."""
+    model, cfg = build(module, *options)
+    optimizer = module.configure_optimizer(model, cfg, "cpu")
+    for group in optimizer.param_groups:
+        group["lr"] = 3e-3 * group.get("lr_scale", 1.0)
+    x = torch.randint(0, 50257, (4, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        _, loss = model(x, torch.roll(x, -1, dims=1))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("script", SCRIPTS[1:])
+def test_default_model_is_the_parents(script):
+    """Every step's defaults keep its parent's model: same parameters, same init, same logits."""
+    child = load_script(script)
+    parent = load_script(script_number(script) - 1)
+    child_model, _ = build(child)
+    parent_model, _ = build(parent)
+    assert list(child_model.state_dict()) == list(parent_model.state_dict())
+    x = torch.randint(0, 50257, (2, 16))
+    assert torch.equal(child_model(x)[0], parent_model(x)[0])
+
+
+OPTIONS = [(9, "--norm=rmsnorm"), (10, "--pos_emb=rotary"), (10, "--pos_emb=none"), (11, "--bias=false"),
+           (11, "--activation=relu"), (11, "--activation=relu2"), (11, "--activation=silu"),
+           (11, "--activation=swiglu"), (11, "--activation=swiglu --mlp_width=unfair"), (12, "--n_kv_head=2"),
+           (12, "--n_kv_head=1"), (13, "--optimizer=muon"), (14, "--tie_embeddings=false"),
+           (15, "--clip_grad=false"), (15, "--grad_norm_type=inf"), (16, "--qk_norm=rms"), (16, "--qk_norm=l2"),
+           (17, "--logit_softcap=15")]
+
+
+@pytest.mark.parametrize("script, options", [(s, o) for first, o in OPTIONS for s in scripts_from(first)])
+def test_every_option_trains(script, options):
+    losses = train_briefly(load_script(script), *options.split())
+    assert losses[-1] < losses[0] - 3.0, losses
+
+
+@pytest.mark.parametrize("script", scripts_from(9))
+def test_rmsnorm_scales_without_centering(script):
+    module = load_script(script)
+    model, _ = build(module, "--norm=rmsnorm")
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
+    assert len(norms) == 5 and all(isinstance(m, torch.nn.RMSNorm) for m in norms)
+    x = torch.randn(3, 32) + 5.0
+    y = norms[0](x)
+    assert torch.allclose(y.pow(2).mean(-1), torch.ones(3), atol=1e-3)
+    assert y.mean(-1).abs().min() > 0.5  # unlike LayerNorm, the mean is kept
+    layer, _ = build(module)
+    assert torch.allclose(layer.transformer.ln_f(x).mean(-1), torch.zeros(3), atol=1e-5)
+
+
+@pytest.mark.parametrize("script", scripts_from(10))
+def test_rope_scores_depend_only_on_the_offset(script):
+    module = load_script(script)
+    rotary = module.Rotary(head_dim=8, block_size=32, base=10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(m, n):
+        qs = rotary(q.expand(1, 1, 32, 8).contiguous())[0, 0, m]
+        ks = rotary(k.expand(1, 1, 32, 8).contiguous())[0, 0, n]
+        return torch.dot(qs, ks)
+
+    assert score(5, 2) == pytest.approx(score(20, 17).item(), abs=1e-5)
+    assert score(3, 3) == pytest.approx(torch.dot(q, k).item(), abs=1e-5)  # offset 0: no rotation left
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3
+    absolute, cfg = build(module)
+    for choice in ("rotary", "none"):
+        model, _ = build(module, f"--pos_emb={choice}")
+        assert "wpe" not in model.transformer
+        lost = sum(p.numel() for p in absolute.parameters()) - sum(p.numel() for p in model.parameters())
+        assert lost == cfg.block_size * cfg.n_embd
+    with pytest.raises(SystemExit, match="--pos_emb='alibi'"):
+        module.parse_config(["--pos_emb=alibi"])
+
+
+@pytest.mark.parametrize("script", scripts_from(11))
+def test_bias_toggle_and_activations(script):
+    module = load_script(script)
+    no_bias, _ = build(module, "--bias=false")
+    assert not [name for name, _ in no_bias.named_parameters() if name.endswith("bias")]
+    with_bias, _ = build(module)
+    assert [name for name, _ in with_bias.named_parameters() if name.endswith("bias")]
+    x = torch.randn(2, 5, 32)
+    expected = {"relu": F.relu, "relu2": lambda h: F.relu(h) ** 2, "silu": F.silu,
+                "gelu": lambda h: F.gelu(h, approximate="tanh")}
+    for name, function in expected.items():
+        mlp = build(module, f"--activation={name}")[0].transformer.h[0].mlp
+        assert torch.allclose(mlp(x), mlp.c_proj(function(mlp.c_fc(x))), atol=1e-6)
+    mlp = build(module, "--activation=swiglu")[0].transformer.h[0].mlp
+    gate, value = mlp.c_fc(x).chunk(2, dim=-1)
+    assert torch.allclose(mlp(x), mlp.c_proj(F.silu(gate) * value), atol=1e-6)
+
+
+@pytest.mark.parametrize("script", scripts_from(11))
+def test_swiglu_fair_width_keeps_the_parameter_count(script):
+    module = load_script(script)
+
+    def mlp_params(*options):  # GPT-2 width: 768
+        return sum(p.numel() for p in module.MLP(module.parse_config(["--n_embd=768", *options])).parameters())
+
+    gelu = mlp_params()
+    assert abs(mlp_params("--activation=swiglu") - gelu) / gelu < 0.005
+    assert mlp_params("--activation=swiglu", "--mlp_width=unfair") / gelu > 1.4
+
+
+@pytest.mark.parametrize("script", scripts_from(12))
+def test_gqa_shapes_and_reference(script):
+    module = load_script(script)
+    mha, _ = build(module)
+    same, _ = build(module, "--n_kv_head=4")
+    x = torch.randint(0, 50257, (2, 16))
+    assert torch.equal(mha(x)[0], same(x)[0])  # n_kv_head = n_head is MHA exactly
+    for kv, rows in ((2, 32 + 2 * 2 * 8), (1, 32 + 2 * 8)):  # head_dim = 32 / 4 = 8
+        attention = build(module, f"--n_kv_head={kv}")[0].transformer.h[0].attn
+        assert attention.c_attn.weight.shape == (rows, 32)
+        h = torch.randn(2, 16, 32)
+        q, k, v = attention.c_attn(h).split([32, kv * 8, kv * 8], dim=2)
+        q = q.view(2, 16, 4, 8).transpose(1, 2)
+        k = k.view(2, 16, kv, 8).transpose(1, 2).repeat_interleave(4 // kv, dim=1)  # head h uses kv h // group
+        v = v.view(2, 16, kv, 8).transpose(1, 2).repeat_interleave(4 // kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 16, 32)
+        assert torch.allclose(attention(h), attention.c_proj(y), atol=1e-5)
+    with pytest.raises(SystemExit, match="--n_head=4 is not divisible by --n_kv_head=3"):
+        module.parse_config(SMALL + ["--n_kv_head=3"])
+
+
+@pytest.mark.parametrize("script", scripts_from(13))
+def test_newton_schulz_orthogonalizes(script):
+    module = load_script(script)
+    for shape in ((32, 128), (128, 32), (96, 384)):  # rectangular: random ones are well conditioned
+        G = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        polar = U @ Vh
+        X = module.newton_schulz(G, 5)
+        singular = torch.linalg.svdvals(X)
+        assert 0.6 < singular.min() and singular.max() < 1.25
+        assert (X - polar).norm() / polar.norm() < 0.3
+        assert (G / G.norm() - polar).norm() / polar.norm() > 0.8  # far from orthogonal before
+
+
+@pytest.mark.parametrize("script", scripts_from(13))
+def test_muon_grouping_and_options(script):
+    module = load_script(script)
+    model, cfg = build(module, "--optimizer=muon")
+    optimizer = module.configure_optimizer(model, cfg, "cpu")
+    adamw, muon = optimizer.optimizers
+    muon_ids = {id(p) for p in muon.param_groups[0]["params"]}
+    hidden = {id(p) for name, p in model.named_parameters() if name.startswith("transformer.h.") and p.dim() == 2}
+    assert muon_ids == hidden
+    adamw_ids = [id(p) for group in adamw.param_groups for p in group["params"]]
+    assert sorted(adamw_ids + list(muon_ids)) == sorted(id(p) for p in model.parameters())  # each exactly once
+    assert id(model.transformer.wte.weight) in adamw_ids and id(model.lm_head.weight) in adamw_ids
+    assert muon.param_groups[0]["lr_scale"] == pytest.approx(cfg.muon_lr / cfg.learning_rate)
+    assert isinstance(module.configure_optimizer(model, module.parse_config(SMALL), "cpu"), torch.optim.AdamW)
+
+    def update(*options):
+        model, cfg = build(module, "--optimizer=muon", *options)
+        optimizer = module.configure_optimizer(model, cfg, "cpu")
+        weight = model.transformer.h[0].mlp.c_fc.weight
+        for _ in range(2):
+            before = weight.detach().clone()
+            optimizer.zero_grad()
+            x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(3))
+            model(x, x)[1].backward()
+            optimizer.step()
+        return weight.detach() - before
+
+    base = update()
+    assert not torch.allclose(base, update("--muon_nesterov=false"))
+    assert not torch.allclose(base, update("--muon_momentum=0.5"))
+    assert not torch.allclose(base, update("--muon_ns_steps=2"))
+    singular = torch.linalg.svdvals(base / (cfg.muon_lr * 2.0))  # c_fc is 4n x n: scaled by sqrt(4) = 2
+    assert singular.max() < 1.3  # the step is an orthogonalized matrix
+
+
+@pytest.mark.parametrize("script", scripts_from(13))
+def test_muon_resume_continues_the_same_loss_curve(script, shakespeare, tmp_path):
+    module = load_script(script)
+    args = dict(max_steps=4, ckpt_every=2, optimizer="muon", learning_rate=1e-2)
+    full = module.main(tiny_args(script, shakespeare, tmp_path, run_name="full", **args))
+    step2 = os.path.join(full["run_dir"], "checkpoints", "step_000002")
+    resumed = module.main(tiny_args(script, shakespeare, tmp_path, resume=step2, **args))
+    assert resumed["losses"] == full["losses"][2:]
+
+
+@pytest.mark.parametrize("script", scripts_from(14))
+def test_tied_or_untied_embeddings(script):
+    module = load_script(script)
+    tied, cfg = build(module)
+    untied, _ = build(module, "--tie_embeddings=false")
+    assert tied.lm_head.weight.data_ptr() == tied.transformer.wte.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
+    extra = sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters())
+    assert extra == cfg.vocab_size * cfg.n_embd
+
+
+@pytest.mark.parametrize("script", scripts_from(15))
+def test_clipping_on_off_and_norm_type(script, shakespeare, tmp_path):
+    module = load_script(script)
+    from conftest import logged_steps
+    args = dict(max_steps=2, grad_clip=0.01, learning_rate=1e-2)
+    clipped = module.main(tiny_args(script, shakespeare, tmp_path, run_name="on", **args))
+    free = module.main(tiny_args(script, shakespeare, tmp_path, run_name="off", clip_grad="false", **args))
+    assert clipped["losses"][0] == free["losses"][0]
+    assert logged_steps(clipped["run_dir"], "grad_norm")[1] == logged_steps(free["run_dir"], "grad_norm")[1]
+    assert abs(clipped["losses"][1] - free["losses"][1]) > 1e-4  # clipping to 0.01 changed the first update
+    model, cfg = build(module, "--grad_norm_type=inf")
+    x = torch.randint(0, 50257, (2, 16))
+    model(x, x)[1].backward()
+    largest = max(p.grad.abs().max() for p in model.parameters())
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"), norm_type=cfg.grad_norm_type)
+    assert norm == pytest.approx(largest.item())
+
+
+@pytest.mark.parametrize("script", scripts_from(16))
+def test_qk_norm_bounds_and_gqa_key_scales(script):
+    module = load_script(script)
+    attention = build(module, "--qk_norm=rms", "--n_kv_head=2")[0].transformer.h[0].attn
+    assert attention.q_scale.shape == (4,) and attention.k_scale.shape == (2,)
+    with torch.no_grad():
+        attention.q_scale.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+        attention.k_scale.copy_(torch.tensor([3.0, 0.25]))
+    h = torch.randn(2, 16, 32)
+    q, k, v = attention.c_attn(h).split([32, 16, 16], dim=2)
+    q = F.rms_norm(q.view(2, 16, 4, 8), (8,)) * torch.tensor([1.0, 2.0, 0.5, 1.5]).view(4, 1)
+    k = F.rms_norm(k.view(2, 16, 2, 8), (8,)) * torch.tensor([3.0, 0.25]).view(2, 1)
+    k = k.repeat_interleave(2, dim=2)  # query heads 0, 1 use key/value head 0 and its scale; 2, 3 use head 1
+    v = v.view(2, 16, 2, 8).repeat_interleave(2, dim=2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    assert torch.allclose(attention(h), attention.c_proj(y.transpose(1, 2).reshape(2, 16, 32)), atol=1e-5)
+    with torch.no_grad():  # a scale above the maximum acts as the maximum
+        attention.k_scale.fill_(100.0)
+        high = attention(h)
+        attention.k_scale.fill_(attention.qk_scale_max)
+        assert torch.equal(high, attention(h))
+    rms, _ = build(module, "--qk_norm=rms")
+    l2, _ = build(module, "--qk_norm=l2")
+    x = torch.randint(0, 50257, (2, 16))
+    assert torch.allclose(rms(x)[0], l2(x)[0], atol=1e-4)  # the l2 scales start where rms's unit RMS is
+    none, _ = build(module)
+    assert not torch.allclose(rms(x)[0], none(x)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("script", scripts_from(17))
+def test_logit_softcap_bounds_the_logits(script):
+    module = load_script(script)
+    model, _ = build(module, "--logit_softcap=2")
+    uncapped, _ = build(module)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)
+        uncapped.lm_head.weight.mul_(100)
+    x = torch.randint(0, 50257, (2, 16))
+    logits = model(x)[0]
+    raw = uncapped(x)[0]
+    assert raw.abs().max() > 2 and logits.abs().max() <= 2
+    assert torch.allclose(logits, 2 * torch.tanh(raw / 2), atol=1e-5)
