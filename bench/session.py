@@ -257,6 +257,7 @@ def main(argv=None):
             returncode, output = tee(command, None, prefix="  ")
             summary_path = os.path.join(args.work, f"{run['name']}.summary.json")
             stdout_log = os.path.join(args.work, f"{run['name']}.stdout.log")
+            log.write("".join(line for line in output.splitlines(keepends=True) if line.startswith("bench:")))
             if os.path.exists(stdout_log):  # the script's full output (the console got every tenth step)
                 with open(stdout_log, encoding="utf-8", errors="replace") as f:
                     log.write(f.read())
