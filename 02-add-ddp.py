@@ -526,6 +526,7 @@ def main(argv=None):
     log(f"done steps:{cfg.max_steps} tokens:{cfg.max_steps * cfg.total_batch_size} "
         f"train_time:{train_time * 1000:.0f}ms peak_mem:{peak_mem}MiB")
     if dist.is_initialized():  # torchrun with one process joins a group too
+        dist.barrier()  # rank 0 may still be writing: leave together, or a rank can be torn down mid-exit
         dist.destroy_process_group()
     return {"losses": losses, "run_dir": run_dir, "model": raw_model}
 

@@ -28,7 +28,7 @@ def test_overfits_one_batch(script, shakespeare, tmp_path):
     optimizer = module.configure_optimizer(model, cfg, "cpu")
     x = torch.randint(0, 50257, (4, 32))
     y = torch.randint(0, 50257, (4, 32))
-    for _ in range(150):
+    for _ in range(60):
         optimizer.zero_grad()
         _, loss = model(x, y)
         loss.backward()
