@@ -1,8 +1,8 @@
 """Step 11 of the lineage: add the bias toggle and the choice of MLP activation.
 Parent: 10-add-absolute-rotary-or-no-position-embeddings.py
 
-bias=false drops the bias of every linear layer and LayerNorm (modern models keep none; the MLP and attention
-lose nothing measurable and the step gets a little faster). activation picks the MLP's non-linearity: gelu
+bias=false drops the bias of every linear layer and LayerNorm (most recent models, and the speedrun records,
+keep none). activation picks the MLP's non-linearity: gelu
 (GPT-2's tanh approximation, the default, as before), relu, relu2 (ReLU squared, from Primer and the
 speedrun), silu, or swiglu (SiLU(x W1) * (x W3), then W2: a gated MLP with three matrices). For swiglu,
 mlp_width=fair shrinks the hidden width to 8/3 * n_embd (rounded to a multiple of 64) so the MLP keeps the

@@ -3,7 +3,7 @@ Parent: 13-add-muon.py
 
 tie_embeddings=true (the default, as before, and GPT-2's choice) uses one matrix both to embed tokens and to
 score the next token; false gives the LM head its own matrix (vocab_size * n_embd more parameters, 38.6M at
-GPT-2 size), which the speedrun records found trains faster per step. Either way both matrices stay with
+GPT-2 size), as the speedrun records do. Either way both matrices stay with
 AdamW when optimizer=muon.
 
 Run:
