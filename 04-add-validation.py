@@ -1,16 +1,22 @@
 """Step 04 of the lineage: add validation (val loss and perplexity on a fixed val set every N steps).
 Parent: 03-add-fineweb-edu-shards.py
 
-Every val_every steps, and after the last step, the model is scored on the same val_tokens tokens from the
-start of the val split (10,485,760 by default, the speedrun's val set). Each rank scores its share of the
-batches and the means are averaged, so the value is the same at any world size. Validation time is not
-counted in train_time.
+Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
+the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
+the config, the model, the optimizer, the data, evaluation, checkpoints, the run's setup, the command line,
+and last main(), the training loop. Each step of the lineage is its parent plus one feature: diff a step
+against its parent to read that feature.
 
-Run:
-    python fineweb-npy.py                                                # once: data/edu_fineweb10B
-    torchrun --standalone --nproc_per_node=4 04-add-validation.py        # 4 GPUs
-    python 04-add-validation.py --preset=demo                            # tiny Shakespeare, one process
-    python 04-add-validation.py --help                                   # every field with its default
+Run (FILE is this file's name):
+    python FILE --preset=demo                       # a 4-layer model on tiny Shakespeare: minutes on a CPU
+    torchrun --standalone --nproc_per_node=4 FILE   # the full run, one process per GPU
+    python FILE --help                              # every field, its default and what it does
+
+What each step added:
+    01  GPT-2 124M on one device (cuda, mps, cpu) from a text file: AdamW, warmup + cosine, accumulation, bf16
+    02  DDP under torchrun (NCCL or gloo): rank-sharded batches, gradients synced on the last micro-step
+    03  FineWeb-Edu .npy shards (fineweb-npy.py), visited in an order shuffled per epoch; the full-run defaults
+    04  validation loss and perplexity on the first val_tokens tokens of the val split, every val_every steps
 """
 
 import dataclasses
@@ -38,11 +44,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 class Config:
     # data and run
     data: str = "data/edu_fineweb10B"  # folder of *_{val|train}_NNNNNN.npy shards, or a text file (input.txt is fetched)
-    val_fraction: float = 0.1  # text-file data only: this last fraction of its tokens is the val split
     out_dir: str = "runs"  # each run writes config.json and log.txt into out_dir/run_name
     run_name: str = ""  # name of the run directory; empty = the start time, YYYYMMDD-HHMMSS
     device: str = ""  # cuda, mps or cpu; empty = the first of those that is available
     seed: int = 1337  # seeds the model init and everything random in the run
+    compile: bool = False  # torch.compile the model (slow start, faster steps)
+    val_fraction: float = 0.1  # text-file data only: this last fraction of its tokens is the val split
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128: faster matmuls
     block_size: int = 1024  # context length in tokens
@@ -60,8 +67,7 @@ class Config:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this value
-    compile: bool = False  # torch.compile the model (slow start, faster steps)
-    # validation
+    # evaluation
     val_every: int = 250  # validate every N steps and after the last one; 0 = only after the last step
     val_tokens: int = 10485760  # tokens scored per validation, from the start of the val split
 
@@ -83,111 +89,7 @@ GPT2_BPE_SHA256 = {  # tiktoken's expected hashes of the two GPT-2 BPE files
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Config: --key=value overrides, parsed with each field's type and checked before any work starts
-
-
-class ConfigError(SystemExit):
-    """A bad setting: exits with a message that names the field and the fix."""
-
-    def __init__(self, message):
-        super().__init__(f"config error: {message}")
-
-
-def field_comments():
-    """The comment after each field of Config, for --help."""
-    comments = {}
-    for line in inspect.getsource(Config).splitlines():
-        match = re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line)
-        if match:
-            comments[match.group(1)] = match.group(2)
-    return comments
-
-
-def config_help():
-    comments = field_comments()
-    lines = [__doc__.strip(), "", "Config fields (--key=value):"]
-    for f in dataclasses.fields(Config):
-        lines.append(f"  {f'--{f.name}={f.default}':<32} {comments.get(f.name, '')}")
-    lines.append(f"  {'--preset=NAME':<32} apply a preset's values first: {', '.join(PRESETS)}")
-    return "\n".join(lines)
-
-
-def parse_value(name, kind, text):
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(text)
-            return lowered in ("1", "true", "yes", "on")
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"--{name}={text!r} is not a valid {kind.__name__}") from None
-
-
-def parse_config(argv):
-    """Config from ['--key=value', ...]: the defaults, then --preset's values, then the rest in order."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    values = {}
-    pairs = []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(config_help())
-            sys.exit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"argument {arg!r} is not of the form --key=value (see --help)")
-        key, text = arg[2:].split("=", 1)
-        pairs.append((key.replace("-", "_"), text))
-    for key, text in pairs:
-        if key == "preset":
-            if text not in PRESETS:
-                raise ConfigError(f"--preset={text!r} is unknown; choose one of: {', '.join(PRESETS)}")
-            values.update(PRESETS[text])
-    for key, text in pairs:
-        if key == "preset":
-            continue
-        if key not in fields:
-            raise ConfigError(f"unknown field --{key}; run with --help to list the fields")
-        values[key] = parse_value(key, fields[key].type, text)
-    cfg = Config(**values)
-    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    return cfg
-
-
-def check_config(cfg, world_size=1):
-    """Reject settings that would fail later (or silently do the wrong thing), naming the field and the fix."""
-    positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "total_batch_size",
-                "max_steps"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name}={getattr(cfg, name)} must be positive")
-    if cfg.vocab_size < 50257:
-        raise ConfigError(f"--vocab_size={cfg.vocab_size} is smaller than GPT-2's 50257 tokens; use >= 50257")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"--n_embd={cfg.n_embd} is not divisible by --n_head={cfg.n_head}; "
-                          "pick n_embd a multiple of n_head")
-    if cfg.warmup_steps < 0 or cfg.learning_rate <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
-        raise ConfigError("--warmup_steps must be >= 0, --learning_rate > 0 and --min_lr_ratio in [0, 1]")
-    if not 0 < cfg.val_fraction < 1:
-        raise ConfigError(f"--val_fraction={cfg.val_fraction} must be between 0 and 1 (exclusive)")
-    if cfg.grad_clip < 0 or cfg.weight_decay < 0:
-        raise ConfigError("--grad_clip and --weight_decay must be >= 0")
-    if cfg.device not in ("", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
-        raise ConfigError(f"--device={cfg.device!r} is not one of cuda, mps, cpu (or empty for automatic)")
-    tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % tokens_per_micro_step:
-        raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * "
-                          f"block_size * world_size = {cfg.batch_size} * {cfg.block_size} * {world_size} = "
-                          f"{tokens_per_micro_step}; make it a multiple of {tokens_per_micro_step} or change "
-                          "--batch_size or the number of processes")
-    if cfg.val_every < 0:
-        raise ConfigError(f"--val_every={cfg.val_every} must be >= 0 (0 = only after the last step)")
-    if cfg.val_tokens <= 0 or cfg.val_tokens % tokens_per_micro_step:
-        raise ConfigError(f"--val_tokens={cfg.val_tokens} is not a positive multiple of batch_size * block_size "
-                          f"* world_size = {tokens_per_micro_step}; make it a multiple of {tokens_per_micro_step}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The model: GPT-2
+# The model: token embedding, transformer blocks (attention, MLP), LM head
 
 
 class CausalSelfAttention(nn.Module):
@@ -278,6 +180,10 @@ class GPT(nn.Module):
         return logits, loss
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+
+
 def configure_optimizer(model, cfg, device_type):
     """AdamW that decays matrices and embeddings but not biases and norm gains (decaying those only hurts)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -301,7 +207,7 @@ def get_lr(step, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: the GPT-2 tokenizer (offline when a local copy exists) and a text file as one long token stream
+# Data: the GPT-2 tokenizer, the token stream and its batches
 
 
 def gpt2_encoding():
@@ -436,6 +342,20 @@ class DataLoaderLite:
         return x, y
 
 
+def check_val_split(val_shards, cfg):
+    if not val_shards:
+        raise SystemExit(f"--data={cfg.data} holds no *_val_NNNNNN.npy shard; fineweb-npy.py writes shard 0 as "
+                         "the val split: rerun it, or add a val shard to the folder")
+    available = sum(len(load_shard(s)) if isinstance(s, str) else len(s) for s in val_shards)
+    if available < cfg.val_tokens + 1:
+        raise SystemExit(f"--val_tokens={cfg.val_tokens} is more than the val split's {available} tokens; lower "
+                         "--val_tokens (or, for a text file, raise --val_fraction)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation while training
+
+
 @torch.no_grad()
 def evaluate(model, val_shards, cfg, rank, world_size, device, autocast):
     """Mean loss over the first val_tokens tokens of the val split: the same tokens at every call. Each rank
@@ -458,18 +378,8 @@ def evaluate(model, val_shards, cfg, rank, world_size, device, autocast):
     return total.item()
 
 
-def check_val_split(val_shards, cfg):
-    if not val_shards:
-        raise SystemExit(f"--data={cfg.data} holds no *_val_NNNNNN.npy shard; fineweb-npy.py writes shard 0 as "
-                         "the val split: rerun it, or add a val shard to the folder")
-    available = sum(len(load_shard(s)) if isinstance(s, str) else len(s) for s in val_shards)
-    if available < cfg.val_tokens + 1:
-        raise SystemExit(f"--val_tokens={cfg.val_tokens} is more than the val split's {available} tokens; lower "
-                         "--val_tokens (or, for a text file, raise --val_fraction)")
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Run directory and log
+# Run setup: processes and devices, the run folder and its log
 
 
 class RunLog:
@@ -541,7 +451,111 @@ def synchronize(device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training
+# The command line: --key=value arguments into a checked Config
+
+
+class ConfigError(SystemExit):
+    """A bad setting: exits with a message that names the field and the fix."""
+
+    def __init__(self, message):
+        super().__init__(f"config error: {message}")
+
+
+def field_comments():
+    """The comment after each field of Config, for --help."""
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        match = re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def config_help():
+    comments = field_comments()
+    lines = [__doc__.strip(), "", "Config fields (--key=value):"]
+    for f in dataclasses.fields(Config):
+        lines.append(f"  {f'--{f.name}={f.default}':<32} {comments.get(f.name, '')}")
+    lines.append(f"  {'--preset=NAME':<32} apply a preset's values first: {', '.join(PRESETS)}")
+    return "\n".join(lines)
+
+
+def parse_value(name, kind, text):
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return lowered in ("1", "true", "yes", "on")
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{name}={text!r} is not a valid {kind.__name__}") from None
+
+
+def parse_config(argv):
+    """Config from ['--key=value', ...]: the defaults, then --preset's values, then the rest in order."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values = {}
+    pairs = []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(config_help())
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value (see --help)")
+        key, text = arg[2:].split("=", 1)
+        pairs.append((key.replace("-", "_"), text))
+    for key, text in pairs:
+        if key == "preset":
+            if text not in PRESETS:
+                raise ConfigError(f"--preset={text!r} is unknown; choose one of: {', '.join(PRESETS)}")
+            values.update(PRESETS[text])
+    for key, text in pairs:
+        if key == "preset":
+            continue
+        if key not in fields:
+            raise ConfigError(f"unknown field --{key}; run with --help to list the fields")
+        values[key] = parse_value(key, fields[key].type, text)
+    cfg = Config(**values)
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg
+
+
+def check_config(cfg, world_size=1):
+    """Reject settings that would fail later (or silently do the wrong thing), naming the field and the fix."""
+    positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "total_batch_size",
+                "max_steps"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name}={getattr(cfg, name)} must be positive")
+    if cfg.vocab_size < 50257:
+        raise ConfigError(f"--vocab_size={cfg.vocab_size} is smaller than GPT-2's 50257 tokens; use >= 50257")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n_embd={cfg.n_embd} is not divisible by --n_head={cfg.n_head}; "
+                          "pick n_embd a multiple of n_head")
+    if cfg.warmup_steps < 0 or cfg.learning_rate <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
+        raise ConfigError("--warmup_steps must be >= 0, --learning_rate > 0 and --min_lr_ratio in [0, 1]")
+    if not 0 < cfg.val_fraction < 1:
+        raise ConfigError(f"--val_fraction={cfg.val_fraction} must be between 0 and 1 (exclusive)")
+    if cfg.grad_clip < 0 or cfg.weight_decay < 0:
+        raise ConfigError("--grad_clip and --weight_decay must be >= 0")
+    if cfg.device not in ("", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"--device={cfg.device!r} is not one of cuda, mps, cpu (or empty for automatic)")
+    tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size % tokens_per_micro_step:
+        raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * "
+                          f"block_size * world_size = {cfg.batch_size} * {cfg.block_size} * {world_size} = "
+                          f"{tokens_per_micro_step}; make it a multiple of {tokens_per_micro_step} or change "
+                          "--batch_size or the number of processes")
+    if cfg.val_every < 0:
+        raise ConfigError(f"--val_every={cfg.val_every} must be >= 0 (0 = only after the last step)")
+    if cfg.val_tokens <= 0 or cfg.val_tokens % tokens_per_micro_step:
+        raise ConfigError(f"--val_tokens={cfg.val_tokens} is not a positive multiple of batch_size * block_size "
+                          f"* world_size = {tokens_per_micro_step}; make it a multiple of {tokens_per_micro_step}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: main() sets the run up, then loops over the steps
 
 
 def main(argv=None):

@@ -1,19 +1,25 @@
 """Step 07 of the lineage: add the HellaSwag eval (standard and one-shot), sharded over ranks.
 Parent: 06-add-checkpoints-and-resume.py
 
-Every hellaswag_every steps, and after the last step, the model picks an ending for each HellaSwag
-validation example: the ending whose tokens have the lowest mean loss after the context ("acc_norm" style,
-so long endings are not penalized). In one-shot mode the context is preceded by another example with its
-correct ending. Rank r scores examples r, r + world_size, ...; the counts are summed, so the total is the same
-at any world size. The official hellaswag_val.jsonl is read from hellaswag_path; only when it is missing and
-the eval is switched on is it downloaded, once, before training starts. Eval time is not in train_time.
+Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
+the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
+the config, the model, the optimizer, the data, evaluation, checkpoints, the run's setup, the command line,
+and last main(), the training loop. Each step of the lineage is its parent plus one feature: diff a step
+against its parent to read that feature.
 
-Run:
-    python fineweb-npy.py                                                # once: data/edu_fineweb10B
-    torchrun --standalone --nproc_per_node=4 07-add-hellaswag.py --hellaswag_every=250    # 4 GPUs
-    python 07-add-hellaswag.py --preset=demo                             # tiny Shakespeare, one process
-    python 07-add-hellaswag.py --resume=runs/20261125-130000 --max_steps=400   # continue a run
-    python 07-add-hellaswag.py --help                                    # every field with its default
+Run (FILE is this file's name):
+    python FILE --preset=demo                       # a 4-layer model on tiny Shakespeare: minutes on a CPU
+    torchrun --standalone --nproc_per_node=4 FILE   # the full run, one process per GPU
+    python FILE --help                              # every field, its default and what it does
+
+What each step added:
+    01  GPT-2 124M on one device (cuda, mps, cpu) from a text file: AdamW, warmup + cosine, accumulation, bf16
+    02  DDP under torchrun (NCCL or gloo): rank-sharded batches, gradients synced on the last micro-step
+    03  FineWeb-Edu .npy shards (fineweb-npy.py), visited in an order shuffled per epoch; the full-run defaults
+    04  validation loss and perplexity on the first val_tokens tokens of the val split, every val_every steps
+    05  samples from prompts (temperature, top-k), growing longer as training goes on
+    06  atomic safetensors checkpoints with the whole training state; --resume continues the same curve
+    07  HellaSwag accuracy, standard or one-shot, sharded over the ranks
 """
 
 import dataclasses
@@ -44,11 +50,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 class Config:
     # data and run
     data: str = "data/edu_fineweb10B"  # folder of *_{val|train}_NNNNNN.npy shards, or a text file (input.txt is fetched)
-    val_fraction: float = 0.1  # text-file data only: this last fraction of its tokens is the val split
     out_dir: str = "runs"  # each run writes config.json and log.txt into out_dir/run_name
     run_name: str = ""  # name of the run directory; empty = the start time, YYYYMMDD-HHMMSS
     device: str = ""  # cuda, mps or cpu; empty = the first of those that is available
     seed: int = 1337  # seeds the model init and everything random in the run
+    compile: bool = False  # torch.compile the model (slow start, faster steps)
+    val_fraction: float = 0.1  # text-file data only: this last fraction of its tokens is the val split
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128: faster matmuls
     block_size: int = 1024  # context length in tokens
@@ -66,11 +73,9 @@ class Config:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this value
-    compile: bool = False  # torch.compile the model (slow start, faster steps)
-    # validation
+    # evaluation
     val_every: int = 250  # validate every N steps and after the last one; 0 = only after the last step
     val_tokens: int = 10485760  # tokens scored per validation, from the start of the val split
-    # sampling
     sample_every: int = 250  # sample every N steps and after the last one; 0 = never
     sample_prompts: str = "Hello, I'm a language model,"  # prompts to continue, separated by "|"
     sample_count: int = 2  # samples per prompt
@@ -78,15 +83,14 @@ class Config:
     sample_max_tokens: int = 64  # ... growing linearly to this many at the last step
     temperature: float = 1.0  # divides the logits before sampling; 0 = always the most likely token
     top_k: int = 50  # sample among the k most likely tokens only; 0 = among all
-    # checkpoints
-    ckpt_every: int = 5000  # save a checkpoint every N steps and after the last one; 0 = never
-    keep_last: int = 3  # keep the newest N checkpoints of the run; 0 = keep all
-    resume: str = ""  # continue from this checkpoint folder, or from the newest checkpoint of this run folder
-    # HellaSwag
     hellaswag_every: int = 0  # run the HellaSwag eval every N steps and after the last one; 0 = never
     hellaswag_path: str = "hellaswag/hellaswag_val.jsonl"  # the official val jsonl (fetched if missing and on)
     hellaswag_mode: str = "standard"  # standard (context, then each ending) or one-shot (a solved example first)
     hellaswag_examples: int = 0  # score only the first N examples; 0 = all 10,042
+    # checkpoints
+    ckpt_every: int = 5000  # save a checkpoint every N steps and after the last one; 0 = never
+    keep_last: int = 3  # keep the newest N checkpoints of the run; 0 = keep all
+    resume: str = ""  # continue from this checkpoint folder, or from the newest checkpoint of this run folder
 
 
 # Named sets of overrides, applied before the command line's own: --preset=demo --max_steps=50 works.
@@ -107,127 +111,7 @@ GPT2_BPE_SHA256 = {  # tiktoken's expected hashes of the two GPT-2 BPE files
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Config: --key=value overrides, parsed with each field's type and checked before any work starts
-
-
-class ConfigError(SystemExit):
-    """A bad setting: exits with a message that names the field and the fix."""
-
-    def __init__(self, message):
-        super().__init__(f"config error: {message}")
-
-
-def field_comments():
-    """The comment after each field of Config, for --help."""
-    comments = {}
-    for line in inspect.getsource(Config).splitlines():
-        match = re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line)
-        if match:
-            comments[match.group(1)] = match.group(2)
-    return comments
-
-
-def config_help():
-    comments = field_comments()
-    lines = [__doc__.strip(), "", "Config fields (--key=value):"]
-    for f in dataclasses.fields(Config):
-        lines.append(f"  {f'--{f.name}={f.default}':<32} {comments.get(f.name, '')}")
-    lines.append(f"  {'--preset=NAME':<32} apply a preset's values first: {', '.join(PRESETS)}")
-    return "\n".join(lines)
-
-
-def parse_value(name, kind, text):
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(text)
-            return lowered in ("1", "true", "yes", "on")
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"--{name}={text!r} is not a valid {kind.__name__}") from None
-
-
-def parse_config(argv):
-    """Config from ['--key=value', ...]: the defaults, then --preset's values, then the rest in order."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    values = {}
-    pairs = []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(config_help())
-            sys.exit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"argument {arg!r} is not of the form --key=value (see --help)")
-        key, text = arg[2:].split("=", 1)
-        pairs.append((key.replace("-", "_"), text))
-    for key, text in pairs:
-        if key == "preset":
-            if text not in PRESETS:
-                raise ConfigError(f"--preset={text!r} is unknown; choose one of: {', '.join(PRESETS)}")
-            values.update(PRESETS[text])
-    for key, text in pairs:
-        if key == "preset":
-            continue
-        if key not in fields:
-            raise ConfigError(f"unknown field --{key}; run with --help to list the fields")
-        values[key] = parse_value(key, fields[key].type, text)
-    cfg = Config(**values)
-    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    return cfg
-
-
-def check_config(cfg, world_size=1):
-    """Reject settings that would fail later (or silently do the wrong thing), naming the field and the fix."""
-    positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "total_batch_size",
-                "max_steps"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name}={getattr(cfg, name)} must be positive")
-    if cfg.vocab_size < 50257:
-        raise ConfigError(f"--vocab_size={cfg.vocab_size} is smaller than GPT-2's 50257 tokens; use >= 50257")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"--n_embd={cfg.n_embd} is not divisible by --n_head={cfg.n_head}; "
-                          "pick n_embd a multiple of n_head")
-    if cfg.warmup_steps < 0 or cfg.learning_rate <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
-        raise ConfigError("--warmup_steps must be >= 0, --learning_rate > 0 and --min_lr_ratio in [0, 1]")
-    if not 0 < cfg.val_fraction < 1:
-        raise ConfigError(f"--val_fraction={cfg.val_fraction} must be between 0 and 1 (exclusive)")
-    if cfg.grad_clip < 0 or cfg.weight_decay < 0:
-        raise ConfigError("--grad_clip and --weight_decay must be >= 0")
-    if cfg.device not in ("", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
-        raise ConfigError(f"--device={cfg.device!r} is not one of cuda, mps, cpu (or empty for automatic)")
-    tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % tokens_per_micro_step:
-        raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * "
-                          f"block_size * world_size = {cfg.batch_size} * {cfg.block_size} * {world_size} = "
-                          f"{tokens_per_micro_step}; make it a multiple of {tokens_per_micro_step} or change "
-                          "--batch_size or the number of processes")
-    if cfg.sample_every < 0 or cfg.sample_count <= 0 or not 0 <= cfg.sample_min_tokens <= cfg.sample_max_tokens:
-        raise ConfigError("--sample_every must be >= 0, --sample_count > 0 and 0 <= --sample_min_tokens <= "
-                          "--sample_max_tokens")
-    if cfg.temperature < 0 or cfg.top_k < 0:
-        raise ConfigError(f"--temperature={cfg.temperature} and --top_k={cfg.top_k} must be >= 0")
-    if cfg.sample_every and not cfg.sample_prompts.strip("|"):
-        raise ConfigError("--sample_prompts is empty; give at least one prompt or set --sample_every=0")
-    if cfg.ckpt_every < 0 or cfg.keep_last < 0:
-        raise ConfigError(f"--ckpt_every={cfg.ckpt_every} and --keep_last={cfg.keep_last} must be >= 0")
-    if cfg.resume and not os.path.isdir(cfg.resume):
-        raise ConfigError(f"--resume={cfg.resume!r} is not a folder; give a checkpoint folder "
-                          "(run/checkpoints/step_NNNNNN) or a run folder")
-    if cfg.hellaswag_every < 0 or cfg.hellaswag_examples < 0:
-        raise ConfigError("--hellaswag_every and --hellaswag_examples must be >= 0")
-    if cfg.hellaswag_mode not in ("standard", "one-shot"):
-        raise ConfigError(f"--hellaswag_mode={cfg.hellaswag_mode!r} is not one of: standard, one-shot")
-    if cfg.val_every < 0:
-        raise ConfigError(f"--val_every={cfg.val_every} must be >= 0 (0 = only after the last step)")
-    if cfg.val_tokens <= 0 or cfg.val_tokens % tokens_per_micro_step:
-        raise ConfigError(f"--val_tokens={cfg.val_tokens} is not a positive multiple of batch_size * block_size "
-                          f"* world_size = {tokens_per_micro_step}; make it a multiple of {tokens_per_micro_step}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The model: GPT-2
+# The model: token embedding, transformer blocks (attention, MLP), LM head
 
 
 class CausalSelfAttention(nn.Module):
@@ -318,6 +202,10 @@ class GPT(nn.Module):
         return logits, loss
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+
+
 def configure_optimizer(model, cfg, device_type):
     """AdamW that decays matrices and embeddings but not biases and norm gains (decaying those only hurts)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -341,7 +229,7 @@ def get_lr(step, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: the GPT-2 tokenizer (offline when a local copy exists) and a text file as one long token stream
+# Data: the GPT-2 tokenizer, the token stream and its batches
 
 
 def gpt2_encoding():
@@ -474,6 +362,20 @@ class DataLoaderLite:
             epoch, shard = (self.epoch, self.shard + 1) if self.shard + 1 < len(self.shards) else (self.epoch + 1, 0)
             self.load_state_dict({"epoch": epoch, "shard": shard, "position": B * T * self.rank})
         return x, y
+
+
+def check_val_split(val_shards, cfg):
+    if not val_shards:
+        raise SystemExit(f"--data={cfg.data} holds no *_val_NNNNNN.npy shard; fineweb-npy.py writes shard 0 as "
+                         "the val split: rerun it, or add a val shard to the folder")
+    available = sum(len(load_shard(s)) if isinstance(s, str) else len(s) for s in val_shards)
+    if available < cfg.val_tokens + 1:
+        raise SystemExit(f"--val_tokens={cfg.val_tokens} is more than the val split's {available} tokens; lower "
+                         "--val_tokens (or, for a text file, raise --val_fraction)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation while training
 
 
 @torch.no_grad()
@@ -610,18 +512,55 @@ def evaluate_hellaswag(model, examples, cfg, rank, world_size, device, autocast)
     return counts[0].item(), counts[1].item()
 
 
-def check_val_split(val_shards, cfg):
-    if not val_shards:
-        raise SystemExit(f"--data={cfg.data} holds no *_val_NNNNNN.npy shard; fineweb-npy.py writes shard 0 as "
-                         "the val split: rerun it, or add a val shard to the folder")
-    available = sum(len(load_shard(s)) if isinstance(s, str) else len(s) for s in val_shards)
-    if available < cfg.val_tokens + 1:
-        raise SystemExit(f"--val_tokens={cfg.val_tokens} is more than the val split's {available} tokens; lower "
-                         "--val_tokens (or, for a text file, raise --val_fraction)")
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: the weights and everything else a resumed run needs
+
+
+def save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg):
+    """Write checkpoints/step_NNNNNN atomically: into a temporary folder first, renamed into place when complete.
+    Then drop all but the newest keep_last checkpoints (and temporary folders that a crash left behind)."""
+    folder = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(folder, f"step_{step:06d}")
+    os.makedirs(folder, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f"step_{step:06d}.tmp-", dir=folder)
+    save_model(raw_model, os.path.join(temporary, "model.safetensors"))  # the tied matrix is stored once
+    torch.save(state, os.path.join(temporary, "state.pt"))
+    write_json(os.path.join(temporary, "config.json"), {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
+    if os.path.exists(final):  # saving the same step again (a resumed run): swap, then delete the old one
+        os.replace(final, f"{final}.old-{os.getpid()}")
+    os.replace(temporary, final)
+    complete = sorted(name for name in os.listdir(folder) if re.fullmatch(r"step_\d{6}", name))
+    stale = [name for name in os.listdir(folder) if ".tmp-" in name or ".old-" in name]
+    for name in (complete[:-cfg.keep_last] if cfg.keep_last else []) + stale:
+        shutil.rmtree(os.path.join(folder, name))
+    return final
+
+
+def find_checkpoint(path):
+    """A checkpoint folder as given, or the newest complete checkpoint of a run folder."""
+    if os.path.exists(os.path.join(path, "state.pt")):
+        return path
+    folder = os.path.join(path, "checkpoints")
+    steps = sorted(name for name in os.listdir(folder) if re.fullmatch(r"step_\d{6}", name)) \
+        if os.path.isdir(folder) else []
+    if not steps:
+        raise SystemExit(f"--resume={path}: no checkpoint there (a checkpoint folder holds model.safetensors and "
+                         "state.pt; a run folder holds checkpoints/step_NNNNNN)")
+    return os.path.join(folder, steps[-1])
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Run directory and log
+# Run setup: processes and devices, the run folder and its log
 
 
 class RunLog:
@@ -675,53 +614,6 @@ def setup_distributed(requested_device):
     return rank, local_rank, world_size, device
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg):
-    """Write checkpoints/step_NNNNNN atomically: into a temporary folder first, renamed into place when complete.
-    Then drop all but the newest keep_last checkpoints (and temporary folders that a crash left behind)."""
-    folder = os.path.join(run_dir, "checkpoints")
-    final = os.path.join(folder, f"step_{step:06d}")
-    os.makedirs(folder, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f"step_{step:06d}.tmp-", dir=folder)
-    save_model(raw_model, os.path.join(temporary, "model.safetensors"))  # the tied matrix is stored once
-    torch.save(state, os.path.join(temporary, "state.pt"))
-    write_json(os.path.join(temporary, "config.json"), {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
-    if os.path.exists(final):  # saving the same step again (a resumed run): swap, then delete the old one
-        os.replace(final, f"{final}.old-{os.getpid()}")
-    os.replace(temporary, final)
-    complete = sorted(name for name in os.listdir(folder) if re.fullmatch(r"step_\d{6}", name))
-    stale = [name for name in os.listdir(folder) if ".tmp-" in name or ".old-" in name]
-    for name in (complete[:-cfg.keep_last] if cfg.keep_last else []) + stale:
-        shutil.rmtree(os.path.join(folder, name))
-    return final
-
-
-def find_checkpoint(path):
-    """A checkpoint folder as given, or the newest complete checkpoint of a run folder."""
-    if os.path.exists(os.path.join(path, "state.pt")):
-        return path
-    folder = os.path.join(path, "checkpoints")
-    steps = sorted(name for name in os.listdir(folder) if re.fullmatch(r"step_\d{6}", name)) \
-        if os.path.isdir(folder) else []
-    if not steps:
-        raise SystemExit(f"--resume={path}: no checkpoint there (a checkpoint folder holds model.safetensors and "
-                         "state.pt; a run folder holds checkpoints/step_NNNNNN)")
-    return os.path.join(folder, steps[-1])
-
-
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def gather(value, world_size):
     """[value of rank 0, value of rank 1, ...] on every rank."""
     if world_size == 1:
@@ -749,7 +641,127 @@ def synchronize(device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training
+# The command line: --key=value arguments into a checked Config
+
+
+class ConfigError(SystemExit):
+    """A bad setting: exits with a message that names the field and the fix."""
+
+    def __init__(self, message):
+        super().__init__(f"config error: {message}")
+
+
+def field_comments():
+    """The comment after each field of Config, for --help."""
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        match = re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def config_help():
+    comments = field_comments()
+    lines = [__doc__.strip(), "", "Config fields (--key=value):"]
+    for f in dataclasses.fields(Config):
+        lines.append(f"  {f'--{f.name}={f.default}':<32} {comments.get(f.name, '')}")
+    lines.append(f"  {'--preset=NAME':<32} apply a preset's values first: {', '.join(PRESETS)}")
+    return "\n".join(lines)
+
+
+def parse_value(name, kind, text):
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return lowered in ("1", "true", "yes", "on")
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{name}={text!r} is not a valid {kind.__name__}") from None
+
+
+def parse_config(argv):
+    """Config from ['--key=value', ...]: the defaults, then --preset's values, then the rest in order."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values = {}
+    pairs = []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(config_help())
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value (see --help)")
+        key, text = arg[2:].split("=", 1)
+        pairs.append((key.replace("-", "_"), text))
+    for key, text in pairs:
+        if key == "preset":
+            if text not in PRESETS:
+                raise ConfigError(f"--preset={text!r} is unknown; choose one of: {', '.join(PRESETS)}")
+            values.update(PRESETS[text])
+    for key, text in pairs:
+        if key == "preset":
+            continue
+        if key not in fields:
+            raise ConfigError(f"unknown field --{key}; run with --help to list the fields")
+        values[key] = parse_value(key, fields[key].type, text)
+    cfg = Config(**values)
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg
+
+
+def check_config(cfg, world_size=1):
+    """Reject settings that would fail later (or silently do the wrong thing), naming the field and the fix."""
+    positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "total_batch_size",
+                "max_steps"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name}={getattr(cfg, name)} must be positive")
+    if cfg.vocab_size < 50257:
+        raise ConfigError(f"--vocab_size={cfg.vocab_size} is smaller than GPT-2's 50257 tokens; use >= 50257")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n_embd={cfg.n_embd} is not divisible by --n_head={cfg.n_head}; "
+                          "pick n_embd a multiple of n_head")
+    if cfg.warmup_steps < 0 or cfg.learning_rate <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
+        raise ConfigError("--warmup_steps must be >= 0, --learning_rate > 0 and --min_lr_ratio in [0, 1]")
+    if not 0 < cfg.val_fraction < 1:
+        raise ConfigError(f"--val_fraction={cfg.val_fraction} must be between 0 and 1 (exclusive)")
+    if cfg.grad_clip < 0 or cfg.weight_decay < 0:
+        raise ConfigError("--grad_clip and --weight_decay must be >= 0")
+    if cfg.device not in ("", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"--device={cfg.device!r} is not one of cuda, mps, cpu (or empty for automatic)")
+    tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size % tokens_per_micro_step:
+        raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * "
+                          f"block_size * world_size = {cfg.batch_size} * {cfg.block_size} * {world_size} = "
+                          f"{tokens_per_micro_step}; make it a multiple of {tokens_per_micro_step} or change "
+                          "--batch_size or the number of processes")
+    if cfg.sample_every < 0 or cfg.sample_count <= 0 or not 0 <= cfg.sample_min_tokens <= cfg.sample_max_tokens:
+        raise ConfigError("--sample_every must be >= 0, --sample_count > 0 and 0 <= --sample_min_tokens <= "
+                          "--sample_max_tokens")
+    if cfg.temperature < 0 or cfg.top_k < 0:
+        raise ConfigError(f"--temperature={cfg.temperature} and --top_k={cfg.top_k} must be >= 0")
+    if cfg.sample_every and not cfg.sample_prompts.strip("|"):
+        raise ConfigError("--sample_prompts is empty; give at least one prompt or set --sample_every=0")
+    if cfg.ckpt_every < 0 or cfg.keep_last < 0:
+        raise ConfigError(f"--ckpt_every={cfg.ckpt_every} and --keep_last={cfg.keep_last} must be >= 0")
+    if cfg.resume and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"--resume={cfg.resume!r} is not a folder; give a checkpoint folder "
+                          "(run/checkpoints/step_NNNNNN) or a run folder")
+    if cfg.hellaswag_every < 0 or cfg.hellaswag_examples < 0:
+        raise ConfigError("--hellaswag_every and --hellaswag_examples must be >= 0")
+    if cfg.hellaswag_mode not in ("standard", "one-shot"):
+        raise ConfigError(f"--hellaswag_mode={cfg.hellaswag_mode!r} is not one of: standard, one-shot")
+    if cfg.val_every < 0:
+        raise ConfigError(f"--val_every={cfg.val_every} must be >= 0 (0 = only after the last step)")
+    if cfg.val_tokens <= 0 or cfg.val_tokens % tokens_per_micro_step:
+        raise ConfigError(f"--val_tokens={cfg.val_tokens} is not a positive multiple of batch_size * block_size "
+                          f"* world_size = {tokens_per_micro_step}; make it a multiple of {tokens_per_micro_step}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: main() sets the run up, then loops over the steps
 
 
 def main(argv=None):

