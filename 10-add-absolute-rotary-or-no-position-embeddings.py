@@ -234,10 +234,11 @@ class GPT(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        if targets is None:
+            return logits  # (B, T, vocab_size): what sampling and HellaSwag score
+        # With targets (training, validation) only the loss leaves the model: the (B, T, vocab_size) logits,
+        # 13 GB in float32 for a 64 x 1024 micro-batch, are freed as soon as the loss is computed.
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def configure_optimizer(model, cfg, device_type):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
 
 
-def warmup_steps(cfg):
+def effective_warmup_steps(cfg):
     return math.ceil(cfg.warmup_tokens / cfg.total_batch_size) if cfg.warmup_tokens > 0 else cfg.warmup_steps
 
 
@@ -262,8 +263,8 @@ def get_lr(step, cfg):
     """Linear warmup, the peak until the cool-down starts, then a cosine or linear fall to learning_rate *
     min_lr_ratio at max_steps; never below the hard floor min_lr."""
     max_lr = cfg.learning_rate
-    min_lr = max_lr * cfg.min_lr_ratio
-    warmup = warmup_steps(cfg)
+    end_lr = max_lr * cfg.min_lr_ratio  # where the decay ends
+    warmup = effective_warmup_steps(cfg)
     cooldown_start = max(warmup, cfg.max_steps - round(cfg.cooldown_fraction * cfg.max_steps))
     if step < warmup:
         lr = max_lr * (step + 1) / warmup
@@ -272,7 +273,7 @@ def get_lr(step, cfg):
     else:
         progress = min((step - cooldown_start) / (cfg.max_steps - cooldown_start), 1.0)
         shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1.0 - progress
-        lr = min_lr + shape * (max_lr - min_lr)
+        lr = end_lr + shape * (max_lr - end_lr)
     return max(lr, cfg.min_lr)
 
 
@@ -438,7 +439,7 @@ def evaluate(model, val_shards, cfg, rank, world_size, device, autocast):
     for _ in range(steps):
         x, y = loader.next_batch()
         with autocast:
-            _, loss = model(x.to(device), y.to(device))
+            loss = model(x.to(device), y.to(device))
         total += loss.float()
     total /= steps
     if world_size > 1:
@@ -459,7 +460,7 @@ def generate(model, idx, new_tokens, temperature, top_k, generator):
     """Extend each row of idx (B, T) by new_tokens tokens drawn one at a time from the model's next-token
     distribution. Only GPT-2's 50257 real tokens are candidates, never the padding rows of the vocabulary."""
     for _ in range(new_tokens):
-        logits, _ = model(idx[:, -model.cfg.block_size:])
+        logits = model(idx[:, -model.cfg.block_size:])
         logits = logits[:, -1, :50257].float()
         if temperature == 0:
             next_token = logits.argmax(dim=-1, keepdim=True)
@@ -549,7 +550,7 @@ def evaluate_hellaswag(model, examples, cfg, rank, world_size, device, autocast)
             mask[row, len(sequence) - 1 - ending_length: len(sequence) - 1] = 1
         tokens, mask = tokens.to(device), mask.to(device)
         with autocast:
-            logits, _ = model(tokens[:, :-1])
+            logits = model(tokens[:, :-1])
         losses = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
         mean_ending_loss = (losses * mask).sum(dim=1) / mask.sum(dim=1)
         counts[0] += int(mean_ending_loss.argmin().item() == examples[i]["label"])
@@ -921,7 +922,7 @@ def main(argv=None):
             last_micro_step = micro_step == grad_accum_steps - 1
             with model.no_sync() if world_size > 1 and not last_micro_step else nullcontext():
                 with autocast:
-                    _, loss = model(x, y)
+                    loss = model(x, y)
                 # backward() adds to .grad, so the accumulated gradient is a sum over micro-steps; dividing
                 # each loss makes it the mean over the whole token batch, as one big batch would give.
                 loss = loss / grad_accum_steps

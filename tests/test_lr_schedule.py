@@ -25,7 +25,7 @@ def test_linear_cooldown_over_the_last_fraction_with_warmup_in_tokens(script):
     cfg = module.parse_config(["--learning_rate=1.0", "--min_lr_ratio=0.0", "--warmup_tokens=5000000",
                                "--total_batch_size=524288", "--max_steps=100", "--lr_decay=linear",
                                "--cooldown_fraction=0.4"])
-    assert module.warmup_steps(cfg) == 10  # 5M tokens / 524,288 = 9.5 steps, rounded up
+    assert module.effective_warmup_steps(cfg) == 10  # 5M tokens / 524,288 = 9.5 steps, rounded up
     lr = {step: module.get_lr(step, cfg) for step in (0, 9, 10, 40, 59, 60, 70, 80, 100)}
     assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
     assert lr[10] == lr[40] == lr[59] == lr[60] == 1.0  # the peak holds until the last 40% of the steps
