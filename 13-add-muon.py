@@ -85,7 +85,7 @@ class Config:
     weight_decay: float = 0.1  # AdamW decay, applied to matrices and embeddings only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip the global gradient norm to this value
+    grad_clip: float = 1.0  # clip the global gradient norm to this value; inf = measure and log it only
     warmup_tokens: int = 0  # warmup length in tokens, rounded up to whole steps; replaces warmup_steps when > 0
     lr_decay: str = "cosine"  # shape of the cool-down: cosine or linear
     cooldown_fraction: float = 1.0  # the cool-down takes this last fraction of the steps; the peak holds before it
@@ -908,8 +908,11 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--lr_decay={cfg.lr_decay!r} is not one of: cosine, linear")
     if not 0 < cfg.val_fraction < 1:
         raise ConfigError(f"--val_fraction={cfg.val_fraction} must be between 0 and 1 (exclusive)")
-    if cfg.grad_clip < 0 or cfg.weight_decay < 0:
-        raise ConfigError("--grad_clip and --weight_decay must be >= 0")
+    if not cfg.grad_clip > 0:  # 0 would scale every gradient to zero: the run would silently stop learning
+        raise ConfigError(f"--grad_clip={cfg.grad_clip} must be positive; to turn clipping off use --grad_clip=inf "
+                          "(the gradient norm is still measured and logged)")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"--weight_decay={cfg.weight_decay} must be >= 0")
     if cfg.device not in ("", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"--device={cfg.device!r} is not one of cuda, mps, cpu (or empty for automatic)")
     tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size

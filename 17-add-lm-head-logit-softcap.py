@@ -93,7 +93,7 @@ class Config:
     weight_decay: float = 0.1  # AdamW decay, applied to matrices and embeddings only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip the global gradient norm to this value
+    grad_clip: float = 1.0  # clip the global gradient norm to this value; inf = measure and log it only
     warmup_tokens: int = 0  # warmup length in tokens, rounded up to whole steps; replaces warmup_steps when > 0
     lr_decay: str = "cosine"  # shape of the cool-down: cosine or linear
     cooldown_fraction: float = 1.0  # the cool-down takes this last fraction of the steps; the peak holds before it
@@ -104,7 +104,6 @@ class Config:
     muon_nesterov: bool = True  # Muon: Nesterov momentum (the update looks ahead along the momentum)
     muon_ns_steps: int = 5  # Muon: Newton-Schulz iterations that orthogonalize each update
     muon_weight_decay: float = 0.0  # Muon: decoupled weight decay of its matrices
-    clip_grad: bool = True  # clip the gradients (false: their norm is still measured and logged)
     grad_norm_type: float = 2.0  # the p of the p-norm that is measured and clipped (inf = the largest entry)
     # evaluation
     val_every: int = 250  # validate every N steps and after the last one; 0 = only after the last step
@@ -942,8 +941,11 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--val_fraction={cfg.val_fraction} must be between 0 and 1 (exclusive)")
     if cfg.grad_norm_type < 1:
         raise ConfigError(f"--grad_norm_type={cfg.grad_norm_type} must be >= 1 (or inf)")
-    if cfg.grad_clip < 0 or cfg.weight_decay < 0:
-        raise ConfigError("--grad_clip and --weight_decay must be >= 0")
+    if not cfg.grad_clip > 0:  # 0 would scale every gradient to zero: the run would silently stop learning
+        raise ConfigError(f"--grad_clip={cfg.grad_clip} must be positive; to turn clipping off use --grad_clip=inf "
+                          "(the gradient norm is still measured and logged)")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"--weight_decay={cfg.weight_decay} must be >= 0")
     if cfg.device not in ("", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"--device={cfg.device!r} is not one of cuda, mps, cpu (or empty for automatic)")
     tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
@@ -1086,8 +1088,7 @@ def main(argv=None):
         if world_size > 1:
             dist.all_reduce(loss_accum)  # a sum (gloo has no average): divide to log the mean over ranks
             loss_accum /= world_size
-        max_norm = cfg.grad_clip if cfg.clip_grad else float("inf")  # inf: measure only, scale by 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm, norm_type=cfg.grad_norm_type)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip, norm_type=cfg.grad_norm_type)
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)

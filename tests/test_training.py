@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from conftest import SCRIPTS, load_script, logged_steps, tiny_args
+from conftest import SCRIPTS, load_script, logged_steps, scripts_from, tiny_args
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", scripts_from(1))
 def test_loss_falls(script, shakespeare, tmp_path):
     module = load_script(script)
     result = module.main(tiny_args(script, shakespeare, tmp_path, max_steps=40, learning_rate=1e-2, warmup_steps=5))
@@ -36,7 +36,7 @@ def test_overfits_one_batch(script, shakespeare, tmp_path):
     assert loss.item() < 0.05
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", scripts_from(1))
 def test_run_dir_holds_config_and_full_log(script, shakespeare, tmp_path, capsys):
     module = load_script(script)
     result = module.main(tiny_args(script, shakespeare, tmp_path, max_steps=3, n_layer=1, run_name="r1"))
@@ -53,7 +53,7 @@ def test_run_dir_holds_config_and_full_log(script, shakespeare, tmp_path, capsys
     assert logged[-1].startswith("done steps:3")
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", scripts_from(1))
 def test_gradient_accumulation_matches_one_big_batch(script, shakespeare, tmp_path):
     """Micro-batches of 2 with 2 accumulation steps give the same losses and updates as a micro-batch of 4."""
     module = load_script(script)
@@ -66,7 +66,7 @@ def test_gradient_accumulation_matches_one_big_batch(script, shakespeare, tmp_pa
     assert list(big_norms.values()) == pytest.approx(list(acc_norms.values()), rel=1e-3)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", scripts_from(1))
 def test_missing_input_offline_says_where_to_put_it(script, tmp_path, monkeypatch):
     module = load_script(script)
     monkeypatch.chdir(tmp_path)
