@@ -192,6 +192,7 @@ class CausalSelfAttention(nn.Module):
             self.k_scale = nn.Parameter(torch.full((self.n_kv_head,), start))  # one per key/value head
         kv_width = self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k and v in one matmul
+        self.c_attn.weight.fused_rows = (cfg.n_embd, kv_width, kv_width)  # three matrices to Muon: see Muon.step
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True  # see GPT._init_weights
 
@@ -224,6 +225,8 @@ class MLP(nn.Module):
             hidden = max(64, round(8 * cfg.n_embd / 3 / 64) * 64)
         # swiglu's gate and value projections are one matmul, split in forward()
         self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * hidden, bias=cfg.bias)
+        if self.gated:
+            self.c_fc.weight.fused_rows = (hidden, hidden)  # gate and value: two matrices to Muon
         self.act = nn.SiLU() if self.gated else ACTIVATIONS[cfg.activation]
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True
@@ -319,6 +322,12 @@ def newton_schulz(G, steps):
     return X.mT if transposed else X
 
 
+def orthogonalize(update, ns_steps):
+    """Muon's step for one matrix: orthogonalized, then scaled by sqrt(max(1, rows / cols)) so that tall
+    matrices, whose orthogonal updates have smaller entries, move as much per entry as square ones."""
+    return newton_schulz(update, ns_steps) * max(1, update.size(-2) / update.size(-1)) ** 0.5
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz, for 2-D weight matrices."""
 
@@ -335,9 +344,12 @@ class Muon(torch.optim.Optimizer):
                 buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buffer.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-                update = newton_schulz(update, group["ns_steps"])
+                # A fused projection (q, k and v in one matrix) is several matrices side by side: each is
+                # orthogonalized on its own, or the largest block's gradient would set the others' step size.
+                blocks = update.split(list(getattr(p, "fused_rows", [p.size(0)])))
+                update = torch.cat([orthogonalize(block, group["ns_steps"]) for block in blocks])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
 class Optimizers:

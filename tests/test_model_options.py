@@ -303,3 +303,23 @@ def test_logit_softcap_bounds_the_logits(script):
     raw = uncapped(x)
     assert raw.abs().max() > 2 and logits.abs().max() <= 2
     assert torch.allclose(logits, 2 * torch.tanh(raw / 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("script", scripts_from(13))
+def test_muon_orthogonalizes_each_block_of_a_fused_projection(script):
+    """q, k and v share one matrix, but to Muon they are three: a q gradient 10x smaller than v's still gets a q
+    update as large as v's (orthogonalizing the fused matrix as one would leave q's 10x smaller)."""
+    module = load_script(script)
+    model, cfg = build(module, "--optimizer=muon", "--n_kv_head=2")
+    weight = model.transformer.h[0].attn.c_attn.weight
+    gradient = torch.randn_like(weight)
+    gradient[:cfg.n_embd] *= 0.1
+    weight.grad = gradient
+    before = weight.detach().clone()
+    module.Muon([weight], lr=1.0, momentum=0.0, nesterov=False, ns_steps=5, weight_decay=0.0).step()
+    q, k, v = (before - weight.detach()).split(list(weight.fused_rows))
+    assert q.pow(2).mean().sqrt() == pytest.approx(v.pow(2).mean().sqrt().item(), rel=0.15)
+    assert k.shape == v.shape == (cfg.n_embd // 2, cfg.n_embd)  # GQA: k and v have n_kv_head heads
+    gated, _ = build(module, "--optimizer=muon", "--activation=swiglu")
+    fc = gated.transformer.h[0].mlp.c_fc.weight
+    assert list(fc.fused_rows) == [fc.size(0) // 2] * 2  # swiglu's gate and value are two matrices too
