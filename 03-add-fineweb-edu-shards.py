@@ -71,7 +71,8 @@ class Config:
 # Named sets of overrides, applied before the command line's own: --preset=demo --max_steps=50 works.
 PRESETS = {
     # ~7M parameters (most of them the embedding): trains on a laptop CPU in a few minutes.
-    "demo": dict(data="input.txt", block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=8,
+    # One sequence per micro-step, so that its 1,024-token batch divides over 1, 2, 4 or 8 processes.
+    "demo": dict(data="input.txt", block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=1,
                  total_batch_size=1024, max_steps=200, warmup_steps=20, learning_rate=1e-3),
 }
 
@@ -260,8 +261,16 @@ def load_text_tokens(path):
         if os.path.basename(path) != "input.txt":
             raise SystemExit(f"--data={path}: no such file")
         ensure_shakespeare(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\x93NUMPY"):
+        raise SystemExit(f"--data={path} is a .npy token shard, not a text file: pass a text file, or (from step 03 "
+                         "on) the folder that holds the shards")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SystemExit(f"--data={path} is not UTF-8 text (byte {error.start} is {raw[error.start]:#x}); convert it "
+                         "to UTF-8 (e.g. `iconv -t UTF-8`) or pass another file") from None
     return np.array(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
 
 
@@ -280,6 +289,10 @@ def load_shard(path):
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise SystemExit(f"{path} holds a {tokens.ndim}-D {tokens.dtype} array; a shard must be 1-D uint16 GPT-2 "
                          "tokens (the format fineweb-npy.py writes)")
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= 50257:  # the embedding would index past GPT-2's vocabulary: fail here, not in a CUDA kernel
+        raise SystemExit(f"{path} holds token id {largest}, beyond GPT-2's 50257 tokens: it was not written by "
+                         "fineweb-npy.py with the GPT-2 tokenizer; rewrite it with fineweb-npy.py")
     return tokens
 
 
@@ -343,29 +356,46 @@ class DataLoaderLite:
 
 
 class RunLog:
-    """Prints a line and appends it to the run's log.txt, so the log holds everything the run printed.
-    Only rank 0 logs (the others get path=None and enabled=False)."""
+    """Prints a line and appends it to the run's log.txt, so the log holds everything the run printed. The lines
+    logged before start() are held in memory: the run folder is made only once the run has passed its checks,
+    so a launch that fails leaves no folder behind. Only rank 0 logs (the others get path=None, enabled=False)."""
 
     def __init__(self, path, enabled=True):
         self.path, self.enabled = path, enabled
+        self.pending = []  # lines logged before start(); None after
+
+    def start(self, cfg):
+        """Make the run folder and write config.json (the resolved config) and the lines logged so far."""
+        lines, self.pending = self.pending, None
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_json(os.path.join(os.path.dirname(self.path), "config.json"),
+                   {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
 
     def __call__(self, line):
         if not self.enabled:
             return
         print(line, flush=True)
-        if self.path:
+        if self.pending is not None:
+            self.pending.append(line)
+        elif self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
 
 
-def make_run_dir(cfg):
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+def choose_run_dir(cfg):
+    """out_dir/run_name, or out_dir/<start time> when run_name is empty; RunLog.start() makes it."""
+    if cfg.run_name:
+        return os.path.join(cfg.out_dir, cfg.run_name)  # check_config() refused one that exists
+    name = time.strftime("%Y%m%d-%H%M%S")
     run_dir = os.path.join(cfg.out_dir, name)
     suffix = 1
-    while os.path.exists(run_dir) and not cfg.run_name:  # two runs started in the same second
+    while os.path.exists(run_dir):  # two runs started in the same second
         suffix += 1
         run_dir = os.path.join(cfg.out_dir, f"{name}-{suffix}")
-    os.makedirs(run_dir, exist_ok=True)
     return run_dir
 
 
@@ -403,6 +433,22 @@ def pick_device(requested):
     return torch.device("cpu")
 
 
+def peak_bf16_flops(device):
+    """The card's dense bf16 peak from its datasheet, for MFU (model FLOPs utilization); None if unknown."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for card, flops in (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)):
+        if card in name:
+            return flops
+    return None
+
+
+def duration(seconds):
+    """12345.6 -> '3h25m46s', for the ETA."""
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -418,7 +464,8 @@ class ConfigError(SystemExit):
     """A bad setting: exits with a message that names the field and the fix."""
 
     def __init__(self, message):
-        super().__init__(f"config error: {message}")
+        # Under torchrun every rank checks the config: rank 0 says what is wrong, the others exit quietly.
+        super().__init__(f"config error: {message}" if os.environ.get("RANK", "0") == "0" else 2)
 
 
 def field_comments():
@@ -504,6 +551,15 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--weight_decay={cfg.weight_decay} must be >= 0")
     if cfg.device not in ("", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"--device={cfg.device!r} is not one of cuda, mps, cpu (or empty for automatic)")
+    if cfg.run_name and os.path.exists(os.path.join(cfg.out_dir, cfg.run_name)):
+        raise ConfigError(f"--run_name={cfg.run_name}: {os.path.join(cfg.out_dir, cfg.run_name)} exists already (its "
+                          "log belongs to another run); pick another name, or leave --run_name empty for the start time")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={cfg.device}, but torch sees no CUDA GPU here; use --device=cpu, or leave "
+                          "--device empty for the best device there is")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device=mps, but this machine has no Apple MPS device; use --device=cpu, or leave "
+                          "--device empty for the best device there is")
     tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
     if cfg.total_batch_size % tokens_per_micro_step:
         raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * "
@@ -524,10 +580,8 @@ def main(argv=None):
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-    run_dir = make_run_dir(cfg) if master else None
+    run_dir = choose_run_dir(cfg) if master else None
     log = RunLog(os.path.join(run_dir, "log.txt") if master else None, enabled=master)
-    if master:
-        write_json(os.path.join(run_dir, "config.json"), {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     log(f"script:{os.path.basename(__file__)}")
     log(f"run_dir:{run_dir}")
@@ -549,6 +603,10 @@ def main(argv=None):
     grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.block_size * world_size)
     log(f"model_params:{sum(p.numel() for p in raw_model.parameters())} grad_accum_steps:{grad_accum_steps} "
         f"tokens_per_step:{cfg.total_batch_size}")
+    # The matmul FLOPs of one token's forward and backward: 6 per parameter, plus attention's scores and mixing.
+    flops_per_token = 6 * sum(p.numel() for p in raw_model.parameters()) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    peak_flops = peak_bf16_flops(device)
+    log.start(cfg)  # every check has passed: make the run folder
 
     losses = []
     train_time = 0.0
@@ -582,13 +640,19 @@ def main(argv=None):
         dt = time.perf_counter() - t0
         train_time += dt
         losses.append(loss_accum.item())
+        eta = duration(train_time / (step + 1) * (cfg.max_steps - step - 1))
+        mfu = f" mfu:{flops_per_token * cfg.total_batch_size / dt / (peak_flops * world_size):.1%}" if peak_flops else ""
         log(f"step:{step + 1}/{cfg.max_steps} loss:{losses[-1]:.6f} lr:{lr:.4e} grad_norm:{grad_norm.item():.4f} "
             f"dt:{dt * 1000:.1f}ms tok/s:{cfg.total_batch_size / dt:.0f} tokens:{(step + 1) * cfg.total_batch_size} "
-            f"train_time:{train_time * 1000:.0f}ms")
+            f"train_time:{train_time * 1000:.0f}ms eta:{eta}{mfu}")
+        if not math.isfinite(losses[-1]):
+            log(f"stopped: the loss is {losses[-1]} at step {step + 1}; training diverged")
+            raise SystemExit(f"the loss became {losses[-1]} at step {step + 1}: training diverged. Lower "
+                             "--learning_rate (or lengthen --warmup_steps) and start again")
 
-    peak_mem = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
+    peak_mem = f" peak_mem:{torch.cuda.max_memory_allocated(device) // 2**20}MiB" if device.type == "cuda" else ""
     log(f"done steps:{cfg.max_steps} tokens:{cfg.max_steps * cfg.total_batch_size} "
-        f"train_time:{train_time * 1000:.0f}ms peak_mem:{peak_mem}MiB")
+        f"train_time:{train_time * 1000:.0f}ms{peak_mem}")
     if dist.is_initialized():  # torchrun with one process joins a group too
         dist.barrier()  # rank 0 may still be writing: leave together, or a rank can be torn down mid-exit
         dist.destroy_process_group()

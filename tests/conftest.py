@@ -67,8 +67,10 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
 
 
+# ckpt_every=0 and sample_every=0: a tiny run writes no checkpoint (each is ~20 MB, mostly the embedding) and
+# prints no samples unless its test asks for them, so the suite stays fast and leaves little on disk.
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, total_batch_size=128, max_steps=5,
-            warmup_steps=1, device="cpu", val_tokens=256, val_every=0)
+            warmup_steps=1, device="cpu", val_tokens=256, val_every=0, ckpt_every=0, sample_every=0)
 
 
 def tiny_args(script, data, out_dir, **overrides):

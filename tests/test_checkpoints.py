@@ -97,3 +97,103 @@ def test_ddp_resume_continues_the_same_loss_curve(script, shakespeare, tmp_path)
     assert [continued[s] for s in (4, 5, 6)] == pytest.approx([full[s] for s in (4, 5, 6)], abs=1e-6)
     with pytest.raises(AssertionError, match="written by 2 processes"):
         torchrun(script, tiny_args(script, shakespeare, tmp_path, resume=step3, **args), nproc=1)
+
+
+def capture_optimizer(module, monkeypatch):
+    """The optimizer that main() builds, kept for inspection after the run."""
+    built = []
+    real = module.configure_optimizer
+    monkeypatch.setattr(module, "configure_optimizer", lambda *args: built.append(real(*args)) or built[-1])
+    return built
+
+
+@pytest.mark.parametrize("script", scripts_from(6))
+def test_resume_trains_with_the_resumed_configs_hyperparameters(script, shakespeare, tmp_path, monkeypatch):
+    """load_state_dict() would bring back the checkpoint's weight decay and betas (and Muon's rate) while the log
+    said the new ones were used: the run must train with the config it logs."""
+    module = load_script(script)
+    muon = "muon_lr" in module.Config.__dataclass_fields__
+    extra = dict(optimizer="muon") if muon else {}
+    first = module.main(tiny_args(script, shakespeare, tmp_path, run_name="r", **ARGS, **extra))
+    built = capture_optimizer(module, monkeypatch)
+    changed = dict(weight_decay=0.05, beta2=0.9, **(dict(muon_lr=0.05) if muon else {}))
+    module.main(tiny_args(script, shakespeare, tmp_path, **ARGS, **extra, **changed,
+                          resume=os.path.join(first["run_dir"], "checkpoints", "step_000003")))
+    groups = built[-1].param_groups
+    assert groups[0]["weight_decay"] == 0.05 and groups[0]["betas"] == (0.9, 0.9)
+    assert built[-1].state_dict() and len(logged_steps(first["run_dir"])) == 6
+    if muon:
+        muon_group = groups[-1]
+        assert muon_group["lr_scale"] == pytest.approx(0.05 / 1e-2)  # the new muon_lr over learning_rate
+        assert muon_group["lr"] == pytest.approx(module.get_lr(5, module.parse_config(
+            tiny_args(script, shakespeare, tmp_path, **ARGS, **extra, **changed))) * 5)
+
+
+def flip_a_byte(path, offset=-100):
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(offset, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+@pytest.mark.parametrize("script", scripts_from(6))
+def test_damaged_or_mismatched_checkpoints_are_refused_and_the_run_folder_left_as_it_was(script, shakespeare,
+                                                                                        tmp_path):
+    module = load_script(script)
+    run_dir = module.main(tiny_args(script, shakespeare, tmp_path, run_name="r", **ARGS))["run_dir"]
+    step3 = os.path.join(run_dir, "checkpoints", "step_000003")
+    untouched = {name: open(os.path.join(run_dir, name), "rb").read() for name in ("config.json", "log.txt")}
+    # a different model shape: named, field by field
+    with pytest.raises(SystemExit, match="n_layer: checkpoint 2, config 1"):
+        module.main(tiny_args(script, shakespeare, tmp_path, **dict(ARGS, n_layer=1), resume=step3))
+    # a flipped byte in the weights, a truncated optimizer state
+    flip_a_byte(os.path.join(step3, "model.safetensors"))
+    with pytest.raises(SystemExit, match="model.safetensors is missing or does not match its checksum"):
+        module.main(tiny_args(script, shakespeare, tmp_path, **ARGS, resume=step3))
+    step6 = os.path.join(run_dir, "checkpoints", "step_000006")
+    with open(os.path.join(step6, "state.pt"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(SystemExit, match="state.pt is missing or does not match its checksum"):
+        module.main(tiny_args(script, shakespeare, tmp_path, **ARGS, resume=run_dir))
+    assert {name: open(os.path.join(run_dir, name), "rb").read() for name in untouched} == untouched
+
+
+@pytest.mark.parametrize("script", scripts_from(6))
+def test_sigterm_saves_a_checkpoint_at_the_end_of_the_step_and_exits_cleanly(script, shakespeare, tmp_path,
+                                                                             monkeypatch):
+    import signal
+    module = load_script(script)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    full = module.main(tiny_args(script, shakespeare, tmp_path, run_name="full", **dict(ARGS, ckpt_every=100)))
+    real_get_lr = module.get_lr
+
+    def get_lr_then_signal(step, cfg):
+        if step == 1:  # during the second step: as a cloud machine being taken back would
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_get_lr(step, cfg)
+
+    monkeypatch.setattr(module, "get_lr", get_lr_then_signal)
+    cut = module.main(tiny_args(script, shakespeare, tmp_path, run_name="cut", **dict(ARGS, ckpt_every=100)))
+    assert cut["losses"] == full["losses"][:2]  # the step in flight finished, no more
+    assert os.listdir(os.path.join(cut["run_dir"], "checkpoints")) == ["step_000002"]
+    assert "stopped by SIGTERM after step 2" in open(os.path.join(cut["run_dir"], "log.txt")).read()
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the handlers are given back
+    monkeypatch.setattr(module, "get_lr", real_get_lr)
+    resumed = module.main(tiny_args(script, shakespeare, tmp_path, **dict(ARGS, ckpt_every=100), resume=cut["run_dir"]))
+    assert resumed["losses"] == full["losses"][2:]
+
+
+@pytest.mark.parametrize("script", scripts_from(6))
+def test_sample_only_talks_to_a_checkpoint_without_data_or_writing(script, shakespeare, tmp_path, capsys):
+    module = load_script(script)
+    run_dir = module.main(tiny_args(script, shakespeare, tmp_path, run_name="r", **ARGS))["run_dir"]
+    before = sorted(os.walk(tmp_path))
+    capsys.readouterr()
+    module.main([f"--resume={run_dir}", "--sample_only=true", "--sample_prompts=ROMEO:|JULIET:", "--sample_count=1",
+                 "--sample_min_tokens=5", "--sample_max_tokens=5", "--device=cpu", "--data=/nonexistent"])
+    printed = capsys.readouterr().out
+    assert printed.count(" sample:0") == 2 and "  | ROMEO:" in printed and "  | JULIET:" in printed
+    assert sorted(os.walk(tmp_path)) == before  # nothing written, the run's log untouched
+    with pytest.raises(SystemExit, match="--sample_only needs --resume"):
+        module.parse_config(["--sample_only=true"])

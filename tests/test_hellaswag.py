@@ -30,7 +30,7 @@ class Prefers(torch.nn.Module):
     def forward(self, idx, targets=None):
         logits = torch.zeros(idx.size(0), idx.size(1), 50304)
         logits[..., self.token] = 10.0
-        return logits, None
+        return logits
 
 
 def score(module, path, preferred_word, mode="standard", rank=0, world_size=1):

@@ -323,3 +323,62 @@ def test_muon_orthogonalizes_each_block_of_a_fused_projection(script):
     gated, _ = build(module, "--optimizer=muon", "--activation=swiglu")
     fc = gated.transformer.h[0].mlp.c_fc.weight
     assert list(fc.fused_rows) == [fc.size(0) // 2] * 2  # swiglu's gate and value are two matrices too
+
+
+def decay_step(module, *options):
+    """One optimizer step with all gradients zero: only decoupled weight decay moves the weights."""
+    model, cfg = build(module, *options)
+    optimizer = module.configure_optimizer(model, cfg, "cpu")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    optimizer.step()
+    return {name: p.detach() for name, p in model.named_parameters()}, before
+
+
+@pytest.mark.parametrize("script", scripts_from(1))
+def test_weight_decay_shrinks_matrices_only(script):
+    module = load_script(script)
+    after, before = decay_step(module, "--weight_decay=0.5")
+    wte = "transformer.wte.weight"
+    assert torch.allclose(after[wte], before[wte] * (1 - 0.1 * 0.5))  # decoupled: p -= lr * wd * p
+    biases = [name for name in after if name.endswith(".bias")]
+    assert biases and all(torch.equal(after[name], before[name]) for name in biases)
+    after, before = decay_step(module, "--weight_decay=0")
+    assert torch.equal(after[wte], before[wte])
+
+
+@pytest.mark.parametrize("script", scripts_from(1))
+def test_adam_betas_are_used(script):
+    module = load_script(script)
+    model, cfg = build(module, "--beta1=0.5", "--beta2=0.75")
+    groups = module.configure_optimizer(model, cfg, "cpu").param_groups
+    assert all(group["betas"] == (0.5, 0.75) for group in groups if "betas" in group)
+    default = train_briefly(module, steps=5)
+    assert train_briefly(module, "--beta1=0.5", steps=5) != default
+    assert train_briefly(module, "--beta2=0.75", steps=5) != default
+
+
+@pytest.mark.parametrize("script", scripts_from(10))
+def test_rope_base_sets_the_rotation_frequencies(script):
+    module = load_script(script)
+    model, cfg = build(module, "--pos_emb=rotary", "--rope_base=100")
+    default, _ = build(module, "--pos_emb=rotary")
+    rotary = model.transformer.h[0].attn.rotary
+    head_dim = cfg.n_embd // cfg.n_head
+    # position 1, channel pair 1: rotated by base^(-2/head_dim)
+    assert rotary.sin[1, 1].item() == pytest.approx(math.sin(100 ** (-2 / head_dim)), rel=1e-5)
+    x = torch.randint(0, 50257, (2, 16))
+    assert not torch.allclose(model(x), default(x))
+
+
+@pytest.mark.parametrize("script", scripts_from(13))
+def test_muon_weight_decay_shrinks_muons_matrices(script):
+    module = load_script(script)
+    after, before = decay_step(module, "--optimizer=muon", "--muon_weight_decay=0.5", "--weight_decay=0")
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert torch.allclose(after[name], before[name] * (1 - 0.1 * 0.5), atol=1e-6)
+    after, before = decay_step(module, "--optimizer=muon", "--weight_decay=0")
+    assert torch.equal(after[name], before[name])

@@ -1,10 +1,23 @@
 """Sampling (from step 05): temperature, top-k, a seeded generator, samples that lengthen with training."""
-import json
+import re
 
 import pytest
 import torch
 
-from conftest import load_script, read_log, scripts_from, tiny_args
+from conftest import load_script, scripts_from, tiny_args
+
+
+def read_samples(run_dir):
+    """[(step, text)] from a run's log: a `step:N/M sample:i` line, then the text as it reads, each line behind
+    '  | '."""
+    samples = []
+    with open(f"{run_dir}/log.txt", encoding="utf-8") as f:
+        for line in f.read().split("\n"):
+            if line.startswith("  | "):
+                samples[-1][1].append(line[4:])
+            elif re.fullmatch(r"step:\d+/\d+ sample:\d+", line):
+                samples.append((int(line.split("/")[0][len("step:"):]), []))
+    return [(step, "\n".join(lines)) for step, lines in samples]
 
 
 class FixedLogits(torch.nn.Module):
@@ -16,7 +29,7 @@ class FixedLogits(torch.nn.Module):
         self.cfg = type("Cfg", (), {"block_size": block_size})
 
     def forward(self, idx, targets=None):
-        return self.logits.expand(idx.size(0), idx.size(1), -1), None
+        return self.logits.expand(idx.size(0), idx.size(1), -1)
 
 
 def draw(module, temperature, top_k, seed=0, n=100):
@@ -57,8 +70,7 @@ def test_samples_in_the_log_deterministic_for_a_seed(script, shakespeare, tmp_pa
 
     def samples(run_name, **extra):
         run_dir = module.main(tiny_args(script, shakespeare, tmp_path, run_name=run_name, **{**args, **extra}))["run_dir"]
-        return [(int(row["step"].split("/")[0]), json.loads(line.split("text:", 1)[1]))
-                for row, line in zip(read_log(run_dir), open(f"{run_dir}/log.txt")) if "sample" in row]
+        return read_samples(run_dir)
 
     first = samples("a")
     assert [step for step, _ in first] == [0] * 4 + [2] * 4 + [4] * 4
@@ -69,3 +81,12 @@ def test_samples_in_the_log_deterministic_for_a_seed(script, shakespeare, tmp_pa
     assert samples("b") == first
     assert samples("c", seed=7) != first
     assert samples("off", sample_every=0) == []
+
+
+@pytest.mark.parametrize("script", scripts_from(5))
+def test_an_empty_prompt_is_a_config_error(script):
+    module = load_script(script)
+    for prompts in ("a||b", "|a", "a|", " "):
+        with pytest.raises(SystemExit, match="--sample_prompts=.* holds an empty prompt"):
+            module.parse_config([f"--sample_prompts={prompts}"])
+    assert module.parse_config(["--sample_prompts=", "--sample_every=0"]).sample_every == 0  # not sampling: fine

@@ -18,7 +18,7 @@ class TargetMean(torch.nn.Module):
 
     def forward(self, x, y):
         self.seen += y.numel()
-        return None, y.float().mean()
+        return y.float().mean()
 
 
 @pytest.mark.parametrize("script", scripts_from(4))
@@ -84,3 +84,16 @@ def test_val_split_must_hold_val_tokens(script, shakespeare, tmp_path):
         module.parse_config(tiny_args(script, shakespeare, tmp_path, val_tokens=100))
     with pytest.raises(SystemExit, match="no \\*_val_NNNNNN.npy shard"):
         module.check_val_split([], module.parse_config([]))
+
+
+@pytest.mark.parametrize("script", scripts_from(4))
+def test_val_reads_its_shards_in_file_order(script, tmp_path):
+    """With several val shards the val set is the start of the first one, whatever the seed (the train loader
+    shuffles shards per seed; validation must not)."""
+    module = load_script(script)
+    val = [np.full(100, 7, dtype=np.uint16), np.full(100, 9, dtype=np.uint16)]
+    for seed in range(4):  # with two shards, half the seeds would put the second one first
+        cfg = module.parse_config([f"--data={tmp_path}", "--batch_size=2", "--block_size=8", "--val_tokens=16",
+                                   "--total_batch_size=16", f"--seed={seed}"])
+        assert module.evaluate(TargetMean(), val, cfg, 0, 1, torch.device("cpu"),
+                               torch.autocast("cpu", enabled=False)) == 7
