@@ -1,0 +1,110 @@
+"""Attention masks (from step 21): FlexAttention's block mask and SDPA's dense mask come from one mask function
+and give the same attention; document masking keeps each document to itself."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load_script, scripts_from
+
+SMALL = ["--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=256", "--pos_emb=rotary"]
+
+
+def tokens_with_documents(B=2, T=256, seed=0):
+    """Random tokens where documents start (<|endoftext|>) at a few places, some inside a 128-token tile."""
+    idx = torch.randint(0, 50000, (B, T), generator=torch.Generator().manual_seed(seed))
+    idx[0, [p * T // 256 for p in (40, 130, 131, 200)]] = 50256
+    idx[1, [1, T // 2]] = 50256
+    return idx
+
+
+def flex_and_dense(module, options, idx=None, n_kv_head=4):
+    """One attention layer's output (B, T, C) under the options' mask: through FlexAttention's block mask (eager,
+    forward only on a CPU) and through SDPA with the dense mask."""
+    cfg = module.parse_config(SMALL + [f"--n_kv_head={n_kv_head}", *options])
+    idx = tokens_with_documents() if idx is None else idx
+    torch.manual_seed(0)
+    attention = module.CausalSelfAttention(cfg)
+    h = torch.randn(idx.size(0), idx.size(1), 32, generator=torch.Generator().manual_seed(1))
+    block_mask = module.attention_mask(cfg, idx, flex=True)
+    dense = module.attention_mask(cfg, idx, flex=False)
+    assert isinstance(block_mask, module.BlockMask) and dense.dtype == torch.bool
+    with torch.no_grad():
+        return attention(h, block_mask), attention(h, dense), attention(h)  # the last: plain causal SDPA
+
+
+@pytest.mark.parametrize("script", scripts_from(21))
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_flex_matches_sdpa_with_the_dense_mask(script, n_kv_head):
+    module = load_script(script)
+    flex, dense, causal = flex_and_dense(module, ["--attention=flex"], n_kv_head=n_kv_head)
+    assert torch.allclose(flex, dense, atol=1e-5) and torch.allclose(dense, causal, atol=1e-5)
+    flex, dense, causal = flex_and_dense(module, ["--attention=flex", "--doc_masking=true"], n_kv_head=n_kv_head)
+    assert torch.allclose(flex, dense, atol=1e-5)
+    assert not torch.allclose(dense, causal, atol=1e-3)  # the documents changed the attention
+
+
+@pytest.mark.parametrize("script", scripts_from(21))
+def test_dense_mask_is_causal_within_documents(script):
+    module = load_script(script)
+    cfg = module.parse_config(SMALL + ["--doc_masking=true"])
+    idx = torch.tensor([[7, 50256, 8, 9, 50256, 10]])
+    mask = module.attention_mask(cfg, idx, flex=False)[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0, 0],   # the tail of a document that began before the sequence
+                    [0, 1, 0, 0, 0, 0],   # <|endoftext|> opens the next document, and belongs to it
+                    [0, 1, 1, 0, 0, 0],
+                    [0, 1, 1, 1, 0, 0],
+                    [0, 0, 0, 0, 1, 0],
+                    [0, 0, 0, 0, 1, 1]]
+    assert module.attention_mask(module.parse_config(SMALL), idx, flex=False) is None  # the parent's path
+
+
+@pytest.mark.parametrize("script", scripts_from(21))
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_a_document_never_sees_the_one_before(script, attention):
+    """Changing the tokens of the first document leaves the model's outputs on the next one unchanged."""
+    module = load_script(script)
+    cfg = module.parse_config(SMALL + ["--block_size=32", f"--attention={attention}", "--doc_masking=true"])
+    torch.manual_seed(0)
+    model = module.GPT(cfg)
+    idx = torch.randint(0, 50000, (1, 32), generator=torch.Generator().manual_seed(2))
+    idx[0, 12] = 50256
+    other = idx.clone()
+    other[0, :12] = torch.randint(0, 50000, (12,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, other_logits = model(idx), model(other)
+    assert torch.allclose(logits[0, 12:], other_logits[0, 12:], atol=1e-5)
+    assert not torch.allclose(logits[0, :12], other_logits[0, :12], atol=1e-3)
+    plain = module.GPT(module.parse_config(SMALL + ["--block_size=32", f"--attention={attention}"]))
+    with torch.no_grad():
+        assert not torch.allclose(plain(idx)[0, 12:], plain(other)[0, 12:], atol=1e-3)
+
+
+@pytest.mark.parametrize("script", scripts_from(21))
+def test_flex_trains_on_a_cpu_through_the_dense_mask(script):
+    module = load_script(script)
+
+    def losses(*options):
+        cfg = module.parse_config(SMALL + ["--block_size=32", *options])
+        torch.manual_seed(0)
+        model = module.GPT(cfg)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        x = tokens_with_documents(T=33)
+        result = []
+        for _ in range(15):
+            optimizer.zero_grad()
+            loss = model(x[:, :-1], x[:, 1:].contiguous())
+            loss.backward()
+            optimizer.step()
+            result.append(loss.item())
+        return result
+
+    sdpa, flex = losses(), losses("--attention=flex")
+    assert flex == pytest.approx(sdpa, abs=1e-4)  # the same causal attention, by another path
+    documents = losses("--attention=flex", "--doc_masking=true")
+    assert documents[-1] < documents[0] - 2.0 and documents != pytest.approx(sdpa, abs=1e-3)
+
+
+@pytest.mark.parametrize("script", scripts_from(21))
+def test_unknown_attention_is_refused(script):
+    with pytest.raises(SystemExit, match="--attention='flash' is not one of: sdpa, flex"):
+        load_script(script).parse_config(["--attention=flash"])
