@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
 from torch.nn import functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
@@ -197,19 +197,20 @@ class Rotary(nn.Module):
 
 
 def mask_function(cfg, idx):
-    """mask_mod(b, h, q_idx, kv_idx): may query q_idx of sequence b attend to key kv_idx? Causal, and with
-    doc_masking only within the query's own document. Written in tensor operations, so that FlexAttention can
-    compile it and dense_mask() can evaluate it on whole grids of indices at once."""
+    """mask_mod(b, h, q_idx, kv_idx): may query q_idx of sequence b attend to key kv_idx? Only if every rule
+    allows it: causal, and with doc_masking the same document. The rules are tensor operations, so that
+    FlexAttention can compile them and dense_mask() can evaluate them on whole grids of indices at once."""
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
 
-    if not cfg.doc_masking:
-        return causal
-    document = (idx == EOT).cumsum(dim=1)  # (B, T): the number of documents begun up to each token
+    rules = [causal]
+    if cfg.doc_masking:
+        document = (idx == EOT).cumsum(dim=1)  # (B, T): the number of documents begun up to each token
 
-    def causal_in_document(b, h, q_idx, kv_idx):
-        return causal(b, h, q_idx, kv_idx) & (document[b, q_idx] == document[b, kv_idx])
-    return causal_in_document
+        def same_document(b, h, q_idx, kv_idx):
+            return document[b, q_idx] == document[b, kv_idx]
+        rules.append(same_document)
+    return and_masks(*rules)
 
 
 def dense_mask(mask_mod, batch, T, device):
@@ -217,20 +218,6 @@ def dense_mask(mask_mod, batch, T, device):
     positions = torch.arange(T, device=device)
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
     return mask_mod(b, 0, positions.view(1, 1, -1, 1), positions.view(1, 1, 1, -1)).expand(batch, 1, T, T)
-
-
-def attention_mask(cfg, idx, flex):
-    """What every position may attend to, built once per forward for all blocks: None for SDPA's own causal
-    mask (the parent's path), else the mask function as a BlockMask for FlexAttention (flex) or as a dense
-    boolean mask for SDPA. A mask that is the same for every sequence is built for one and broadcast."""
-    if cfg.attention == "sdpa" and not cfg.doc_masking:
-        return None
-    B, T = idx.size()
-    mask_mod = mask_function(cfg, idx)
-    if flex:
-        return create_block_mask(mask_mod, B if cfg.doc_masking else None, None, T, T, device=idx.device,
-                                 BLOCK_SIZE=FLEX_BLOCK_SIZE)
-    return dense_mask(mask_mod, B if cfg.doc_masking else 1, T, idx.device)
 
 
 @functools.cache
@@ -351,6 +338,19 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def attention_mask(self, idx, flex):
+        """What every position may attend to, built once per forward for all blocks: None for SDPA's own causal
+        mask (the parent's path), else the mask function as a BlockMask for FlexAttention (flex) or as a dense
+        boolean mask for SDPA. A mask that is the same for every sequence is built for one and broadcast."""
+        if self.cfg.attention == "sdpa" and not self.cfg.doc_masking:
+            return None
+        B, T = idx.size()
+        mask_mod = mask_function(self.cfg, idx)
+        if flex:
+            return create_block_mask(mask_mod, B if self.cfg.doc_masking else None, None, T, T, device=idx.device,
+                                     BLOCK_SIZE=FLEX_BLOCK_SIZE)
+        return dense_mask(mask_mod, B if self.cfg.doc_masking else 1, T, idx.device)
+
     def forward(self, idx, targets=None):
         B, T = idx.size()
         if T > longest_sequence(self.cfg):
@@ -360,7 +360,7 @@ class GPT(nn.Module):
         if self.cfg.pos_emb == "absolute":
             x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
         # FlexAttention has no backward pass off CUDA: there the same mask function goes to SDPA as a dense mask
-        mask = attention_mask(self.cfg, idx, flex=self.cfg.attention == "flex" and idx.is_cuda)
+        mask = self.attention_mask(idx, flex=self.cfg.attention == "flex" and idx.is_cuda)
         for block in self.transformer.h:
             x = block(x, mask)
         x = self.transformer.ln_f(x)

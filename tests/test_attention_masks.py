@@ -23,10 +23,11 @@ def flex_and_dense(module, options, idx=None, n_kv_head=4):
     cfg = module.parse_config(SMALL + [f"--n_kv_head={n_kv_head}", *options])
     idx = tokens_with_documents() if idx is None else idx
     torch.manual_seed(0)
-    attention = module.CausalSelfAttention(cfg)
+    model = module.GPT(cfg)
+    attention = model.transformer.h[0].attn
     h = torch.randn(idx.size(0), idx.size(1), 32, generator=torch.Generator().manual_seed(1))
-    block_mask = module.attention_mask(cfg, idx, flex=True)
-    dense = module.attention_mask(cfg, idx, flex=False)
+    block_mask = model.attention_mask(idx, flex=True)
+    dense = model.attention_mask(idx, flex=False)
     assert isinstance(block_mask, module.BlockMask) and dense.dtype == torch.bool
     with torch.no_grad():
         return attention(h, block_mask), attention(h, dense), attention(h)  # the last: plain causal SDPA
@@ -46,16 +47,16 @@ def test_flex_matches_sdpa_with_the_dense_mask(script, n_kv_head):
 @pytest.mark.parametrize("script", scripts_from(21))
 def test_dense_mask_is_causal_within_documents(script):
     module = load_script(script)
-    cfg = module.parse_config(SMALL + ["--doc_masking=true"])
+    model = module.GPT(module.parse_config(SMALL + ["--doc_masking=true"]))
     idx = torch.tensor([[7, 50256, 8, 9, 50256, 10]])
-    mask = module.attention_mask(cfg, idx, flex=False)[0, 0].int().tolist()
+    mask = model.attention_mask(idx, flex=False)[0, 0].int().tolist()
     assert mask == [[1, 0, 0, 0, 0, 0],   # the tail of a document that began before the sequence
                     [0, 1, 0, 0, 0, 0],   # <|endoftext|> opens the next document, and belongs to it
                     [0, 1, 1, 0, 0, 0],
                     [0, 1, 1, 1, 0, 0],
                     [0, 0, 0, 0, 1, 0],
                     [0, 0, 0, 0, 1, 1]]
-    assert module.attention_mask(module.parse_config(SMALL), idx, flex=False) is None  # the parent's path
+    assert module.GPT(module.parse_config(SMALL)).attention_mask(idx, flex=False) is None  # the parent's path
 
 
 @pytest.mark.parametrize("script", scripts_from(21))
