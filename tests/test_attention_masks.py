@@ -109,3 +109,54 @@ def test_flex_trains_on_a_cpu_through_the_dense_mask(script):
 def test_unknown_attention_is_refused(script):
     with pytest.raises(SystemExit, match="--attention='flash' is not one of: sdpa, flex"):
         load_script(script).parse_config(["--attention=flash"])
+
+
+@pytest.mark.parametrize("script", scripts_from(22))
+@pytest.mark.parametrize("options", [["--window=100"], ["--window=100", "--doc_masking=true"], ["--window=1"]])
+def test_window_flex_matches_sdpa_with_the_dense_mask(script, options):
+    module = load_script(script)
+    flex, dense, causal = flex_and_dense(module, ["--attention=flex", *options], n_kv_head=2)
+    assert torch.allclose(flex, dense, atol=1e-5)
+    assert not torch.allclose(dense, causal, atol=1e-3)  # the window changed the attention
+
+
+@pytest.mark.parametrize("script", scripts_from(22))
+def test_window_keeps_the_latest_keys_within_the_document(script):
+    module = load_script(script)
+    model = module.GPT(module.parse_config(SMALL + ["--window=2", "--doc_masking=true"]))
+    idx = torch.tensor([[7, 8, 9, 50256, 10, 11]])
+    assert model.attention_mask(idx, flex=False)[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                                                           [1, 1, 0, 0, 0, 0],
+                                                                           [0, 1, 1, 0, 0, 0],
+                                                                           [0, 0, 0, 1, 0, 0],
+                                                                           [0, 0, 0, 1, 1, 0],
+                                                                           [0, 0, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("script", scripts_from(22))
+def test_the_window_changes_without_recompiling(script):
+    """The width is a tensor the compiled graph reads: a Python int would be baked in and force a recompile."""
+    module = load_script(script)
+    torch.manual_seed(0)
+    model = module.GPT(module.parse_config(SMALL + ["--block_size=32", "--window=4"]))
+    torch.manual_seed(0)
+    full = module.GPT(module.parse_config(SMALL + ["--block_size=32"]))
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting_backend)
+    x = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        narrow = compiled(x)
+        compiled_graphs = len(graphs)
+        model.window.fill_(32)  # as wide as the sequence: full causal attention
+        wide = compiled(x)
+        assert len(graphs) == compiled_graphs
+        assert torch.allclose(wide, full(x), atol=1e-5) and not torch.allclose(narrow, wide, atol=1e-3)
+        model.window.fill_(4)
+        assert torch.allclose(compiled(x), narrow, atol=1e-6)
+    assert len(graphs) == compiled_graphs
