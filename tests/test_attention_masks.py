@@ -160,3 +160,89 @@ def test_the_window_changes_without_recompiling(script):
         model.window.fill_(4)
         assert torch.allclose(compiled(x), narrow, atol=1e-6)
     assert len(graphs) == compiled_graphs
+
+
+PAD = 50300  # one of the vocabulary's padding rows: never a GPT-2 token
+
+
+def padded_tokens():
+    """tokens_with_documents() with left padding in the first sequence and right padding in the second."""
+    idx = tokens_with_documents()
+    idx[0, :37] = PAD
+    idx[1, 200:] = PAD
+    return idx
+
+
+@pytest.mark.parametrize("script", scripts_from(24))
+@pytest.mark.parametrize("options", [["--causal=false"], ["--causal=false", "--doc_masking=true", "--window=100"],
+                                     [f"--pad_token={PAD}"], [f"--pad_token={PAD}", "--causal=false"]])
+def test_padding_and_non_causal_flex_match_sdpa_with_the_dense_mask(script, options):
+    module = load_script(script)
+    flex, dense, causal = flex_and_dense(module, ["--attention=flex", *options], idx=padded_tokens(), n_kv_head=2)
+    assert torch.allclose(flex, dense, atol=1e-5)
+    assert not torch.allclose(dense, causal, atol=1e-3)
+
+
+@pytest.mark.parametrize("script", scripts_from(24))
+def test_padding_keys_are_seen_by_padding_queries_only(script):
+    module = load_script(script)
+    idx = torch.tensor([[PAD, PAD, 5, 6, PAD]])
+
+    def rows(*options):
+        model = module.GPT(module.parse_config(SMALL + [f"--pad_token={PAD}", *options]))
+        return model.attention_mask(idx, flex=False)[0, 0].int().tolist()
+
+    assert rows() == [[1, 0, 0, 0, 0],
+                      [1, 1, 0, 0, 0],
+                      [0, 0, 1, 0, 0],
+                      [0, 0, 1, 1, 0],
+                      [1, 1, 1, 1, 1]]
+    assert rows("--causal=false") == [[1, 1, 1, 1, 1],
+                                      [1, 1, 1, 1, 1],
+                                      [0, 0, 1, 1, 0],
+                                      [0, 0, 1, 1, 0],
+                                      [1, 1, 1, 1, 1]]
+    assert rows("--causal=false", "--window=2")[2] == [0, 0, 1, 1, 0]  # both sides, padding still hidden
+
+
+@pytest.mark.parametrize("script", scripts_from(24))
+def test_left_padding_changes_nothing_for_the_real_tokens(script):
+    """With rotary positions (relative), a sequence behind 5 padding tokens gives the same outputs as alone, and
+    its loss ignores targets that are padding."""
+    module = load_script(script)
+
+    def model(*options):
+        torch.manual_seed(0)
+        return module.GPT(module.parse_config(SMALL + ["--block_size=32", "--causal=false", *options]))
+
+    masked, unmasked = model(f"--pad_token={PAD}"), model()
+    idx = torch.randint(0, 50000, (1, 20), generator=torch.Generator().manual_seed(4))
+    behind_padding = torch.cat([torch.full((1, 5), PAD), idx], dim=1)
+    with torch.no_grad():
+        alone = masked(idx)
+        assert torch.allclose(masked(behind_padding)[:, 5:], alone, atol=1e-5)
+        assert not torch.allclose(unmasked(behind_padding)[:, 5:], alone, atol=1e-3)
+        targets = torch.roll(behind_padding, -1, dims=1)
+        loss = masked(behind_padding, targets)
+        real = F.cross_entropy(masked(behind_padding)[0, 4:-1], targets[0, 4:-1])  # padding: 0-3 and the last
+        assert loss.item() == pytest.approx(real.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("script", scripts_from(24))
+def test_non_causal_attention_sees_later_tokens(script):
+    module = load_script(script)
+    idx = torch.randint(0, 50000, (1, 16), generator=torch.Generator().manual_seed(5))
+    later_changed = idx.clone()
+    later_changed[0, 10:] = 7
+    for causal, first_changes in (("true", False), ("false", True)):
+        torch.manual_seed(0)
+        model = module.GPT(module.parse_config(SMALL + ["--block_size=32", f"--causal={causal}"]))
+        with torch.no_grad():
+            changed = not torch.allclose(model(idx)[0, 0], model(later_changed)[0, 0], atol=1e-5)
+        assert changed == first_changes
+
+
+@pytest.mark.parametrize("script", scripts_from(24))
+def test_bad_pad_token_is_refused(script):
+    with pytest.raises(SystemExit, match="--pad_token=60000 is not a token id below --vocab_size=50304"):
+        load_script(script).parse_config(["--pad_token=60000"])
