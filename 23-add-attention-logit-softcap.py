@@ -47,6 +47,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -142,12 +143,14 @@ class Config:
     ckpt_every: int = 5000  # save a checkpoint every N steps and after the last one; 0 = never
     keep_last: int = 3  # keep the newest N checkpoints of the run; 0 = keep all
     resume: str = ""  # continue from this checkpoint folder, or from the newest checkpoint of this run folder
+    sample_only: bool = False  # with --resume: print samples of that checkpoint's model and exit (writes nothing)
 
 
 # Named sets of overrides, applied before the command line's own: --preset=demo --max_steps=50 works.
 PRESETS = {
     # ~7M parameters (most of them the embedding): trains on a laptop CPU in a few minutes.
-    "demo": dict(data="input.txt", block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=8,
+    # One sequence per micro-step, so that its 1,024-token batch divides over 1, 2, 4 or 8 processes.
+    "demo": dict(data="input.txt", block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=1,
                  total_batch_size=1024, max_steps=200, warmup_steps=20, learning_rate=1e-3, val_every=50,
                  val_tokens=16384, sample_every=100, sample_prompts="ROMEO:|First Citizen:"),
 }
@@ -285,6 +288,7 @@ class CausalSelfAttention(nn.Module):
             self.k_scale = nn.Parameter(torch.full((self.n_kv_head,), start))  # one per key/value head
         kv_width = self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k and v in one matmul
+        self.c_attn.weight.fused_rows = (cfg.n_embd, kv_width, kv_width)  # three matrices to Muon: see Muon.step
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True  # see GPT._init_weights
 
@@ -330,6 +334,8 @@ class MLP(nn.Module):
             hidden = max(64, round(8 * cfg.n_embd / 3 / 64) * 64)
         # swiglu's gate and value projections are one matmul, split in forward()
         self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * hidden, bias=cfg.bias)
+        if self.gated:
+            self.c_fc.weight.fused_rows = (hidden, hidden)  # gate and value: two matrices to Muon
         self.act = nn.SiLU() if self.gated else ACTIVATIONS[cfg.activation]
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True
@@ -444,6 +450,12 @@ def newton_schulz(G, steps):
     return X.mT if transposed else X
 
 
+def orthogonalize(update, ns_steps):
+    """Muon's step for one matrix: orthogonalized, then scaled by sqrt(max(1, rows / cols)) so that tall
+    matrices, whose orthogonal updates have smaller entries, move as much per entry as square ones."""
+    return newton_schulz(update, ns_steps) * max(1, update.size(-2) / update.size(-1)) ** 0.5
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz, for 2-D weight matrices."""
 
@@ -460,9 +472,12 @@ class Muon(torch.optim.Optimizer):
                 buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buffer.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-                update = newton_schulz(update, group["ns_steps"])
+                # A fused projection (q, k and v in one matrix) is several matrices side by side: each is
+                # orthogonalized on its own, or the largest block's gradient would set the others' step size.
+                blocks = update.split(list(getattr(p, "fused_rows", [p.size(0)])))
+                update = torch.cat([orthogonalize(block, group["ns_steps"]) for block in blocks])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
 class Optimizers:
@@ -594,8 +609,16 @@ def load_text_tokens(path):
         if os.path.basename(path) != "input.txt":
             raise SystemExit(f"--data={path}: no such file")
         ensure_shakespeare(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\x93NUMPY"):
+        raise SystemExit(f"--data={path} is a .npy token shard, not a text file: pass a text file, or (from step 03 "
+                         "on) the folder that holds the shards")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SystemExit(f"--data={path} is not UTF-8 text (byte {error.start} is {raw[error.start]:#x}); convert it "
+                         "to UTF-8 (e.g. `iconv -t UTF-8`) or pass another file") from None
     return np.array(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
 
 
@@ -615,6 +638,10 @@ def load_shard(path, in_memory=False):
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise SystemExit(f"{path} holds a {tokens.ndim}-D {tokens.dtype} array; a shard must be 1-D uint16 GPT-2 "
                          "tokens (the format fineweb-npy.py writes)")
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= 50257:  # the embedding would index past GPT-2's vocabulary: fail here, not in a CUDA kernel
+        raise SystemExit(f"{path} holds token id {largest}, beyond GPT-2's 50257 tokens: it was not written by "
+                         "fineweb-npy.py with the GPT-2 tokenizer; rewrite it with fineweb-npy.py")
     return tokens
 
 
@@ -638,9 +665,10 @@ class DataLoaderLite:
     """Walks through a list of shards, B sequences of T tokens at a time. With several ranks, each step of the
     stream is world_size batches wide and rank r takes the r-th one, so together the ranks read exactly what
     one process with world_size times the accumulation would read. Shards are visited in an order shuffled
-    from (seed, epoch), so every epoch sees them in a new order and a rerun sees the same ones."""
+    from (seed, epoch), so every epoch sees them in a new order and a rerun sees the same ones; with no seed
+    (validation) in file order."""
 
-    def __init__(self, shards, B, T, rank=0, world_size=1, seed=0, prefetch=False):
+    def __init__(self, shards, B, T, rank=0, world_size=1, seed=None, prefetch=False):
         self.shards, self.B, self.T = shards, B, T
         self.rank, self.world_size, self.seed = rank, world_size, seed
         # prefetch: while a shard is in use, one thread reads the one that comes next, and the switch finds it in
@@ -673,8 +701,9 @@ class DataLoaderLite:
             self.prefetched = (upcoming, self.reader.submit(load_shard, upcoming_shard, in_memory=True))
 
     def shard_at(self, epoch, index):
-        """The index-th shard of the epoch's order, which is shuffled from (seed, epoch)."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        """The index-th shard of the epoch's order, which is shuffled from (seed, epoch) (no seed: file order)."""
+        order = np.arange(len(self.shards)) if self.seed is None else \
+            np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         return self.shards[order[index]]
 
     def following_shard(self):
@@ -715,7 +744,7 @@ def evaluate(model, val_shards, cfg, rank, world_size, device, autocast):
     means is the mean over the whole val set."""
     model.eval()
     B, T = val_shape(cfg)
-    loader = DataLoaderLite(val_shards, B, T, rank, world_size, cfg.seed)
+    loader = DataLoaderLite(val_shards, B, T, rank, world_size)  # no seed: file order
     steps = cfg.val_tokens // (B * T * world_size)
     total = torch.zeros((), device=device)
     for _ in range(steps):
@@ -771,7 +800,9 @@ def write_samples(model, step, cfg, device, autocast, log):
         with autocast:
             out = generate(model, idx, sample_length(step, cfg), cfg.temperature, cfg.top_k, generator)
         for i, row in enumerate(out.tolist()):
-            log(f"step:{step}/{cfg.max_steps} sample:{i} text:{json.dumps(encoding.decode(row))}")
+            # the text as it reads, each line behind "  | " so no log reader takes it for a key:value line
+            log(f"step:{step}/{cfg.max_steps} sample:{i}")
+            log("\n".join("  | " + line for line in encoding.decode(row).split("\n")))
     model.train()
 
 
@@ -852,9 +883,10 @@ def evaluate_hellaswag(model, examples, cfg, rank, world_size, device, autocast)
 # Checkpoints: the weights and everything else a resumed run needs
 
 
-def save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg):
-    """Write checkpoints/step_NNNNNN atomically: into a temporary folder first, renamed into place when complete.
-    Then drop all but the newest keep_last checkpoints (and temporary folders that a crash left behind)."""
+def save_checkpoint(run_dir, step, raw_model, state, cfg):
+    """Write checkpoints/step_NNNNNN atomically: into a temporary folder first, renamed into place when complete,
+    with the sha256 of each file (checked on resume). Then drop all but the newest keep_last checkpoints (and
+    temporary folders that a crash left behind)."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"step_{step:06d}")
     os.makedirs(folder, exist_ok=True)
@@ -862,6 +894,8 @@ def save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg):
     save_model(raw_model, os.path.join(temporary, "model.safetensors"))  # the tied matrix is stored once
     torch.save(state, os.path.join(temporary, "state.pt"))
     write_json(os.path.join(temporary, "config.json"), {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
+    write_json(os.path.join(temporary, "checksums.json"), {name: sha256(os.path.join(temporary, name))
+                                                           for name in CHECKPOINT_FILES})
     if os.path.exists(final):  # saving the same step again (a resumed run): swap, then delete the old one
         os.replace(final, f"{final}.old-{os.getpid()}")
     os.replace(temporary, final)
@@ -870,6 +904,48 @@ def save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg):
     for name in (complete[:-cfg.keep_last] if cfg.keep_last else []) + stale:
         shutil.rmtree(os.path.join(folder, name))
     return final
+
+
+CHECKPOINT_FILES = ("model.safetensors", "state.pt", "config.json")
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(folder):
+    """Refuse a checkpoint whose files do not match the checksums written with them: a truncated copy or a
+    flipped byte must stop the run, not be trained on."""
+    try:
+        with open(os.path.join(folder, "checksums.json"), encoding="utf-8") as f:
+            expected = json.load(f)
+    except (OSError, ValueError):
+        raise SystemExit(f"{folder} has no readable checksums.json: it is not a complete checkpoint; resume from "
+                         "another one (each run folder keeps its newest ones in checkpoints/)") from None
+    for name in CHECKPOINT_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path) or sha256(path) != expected.get(name):
+            raise SystemExit(f"{path} is missing or does not match its checksum (the file is damaged or was "
+                             "changed); resume from another checkpoint of the run")
+
+
+def load_optimizer_state(optimizer, state):
+    """The checkpoint's optimizer state (moments, step counts) under this run's hyperparameters: load_state_dict()
+    alone would bring back the learning rates, betas and weight decay the checkpoint was saved with, while the
+    log reported the new values."""
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
+
+
+def changed_fields(saved, cfg):
+    """The fields where a checkpoint's config (saved) and this run's differ."""
+    return [name for name, value in saved.items() if name != "resume" and getattr(cfg, name, value) != value]
 
 
 def find_checkpoint(path):
@@ -883,6 +959,54 @@ def find_checkpoint(path):
         raise SystemExit(f"--resume={path}: no checkpoint there (a checkpoint folder holds model.safetensors and "
                          "state.pt; a run folder holds checkpoints/step_NNNNNN)")
     return os.path.join(folder, steps[-1])
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (what a pre-empted cloud machine gets) sets a flag that the training loop reads
+    once per step: the step finishes, a checkpoint is saved, and the run exits cleanly. A second Ctrl-C stops at
+    once."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.received == signal.Signals(signum).name == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def requested(self, world_size, device):
+        """Whether any rank got a signal: all ranks then stop at the same step."""
+        if world_size == 1:
+            return self.received is not None
+        flag = torch.tensor(float(self.received is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def sample_from_checkpoint(cfg):
+    """--sample_only: the checkpoint's model (built from the config saved with it) continues --sample_prompts.
+    Reads no training data, writes nothing; on the best device there is, or --device."""
+    checkpoint = find_checkpoint(cfg.resume)
+    verify_checkpoint(checkpoint)
+    with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    fields = {field.name for field in dataclasses.fields(Config)}
+    model_cfg = Config(**{name: value for name, value in saved.items() if name in fields})
+    device = pick_device(cfg.device)
+    model = GPT(model_cfg).to(device)
+    load_model(model, os.path.join(checkpoint, "model.safetensors"), device=str(device))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    step = int(os.path.basename(checkpoint).removeprefix("step_")) if os.path.basename(checkpoint).startswith(
+        "step_") else 0
+    # the longest samples: sample_length() grows them with training progress, and this model is trained
+    write_samples(model, step, dataclasses.replace(cfg, sample_min_tokens=cfg.sample_max_tokens), device, autocast,
+                  print)
+    return {"model": model, "checkpoint": checkpoint}
 
 
 def rng_state(device):
@@ -900,29 +1024,46 @@ def set_rng_state(state, device):
 
 
 class RunLog:
-    """Prints a line and appends it to the run's log.txt, so the log holds everything the run printed.
-    Only rank 0 logs (the others get path=None and enabled=False)."""
+    """Prints a line and appends it to the run's log.txt, so the log holds everything the run printed. The lines
+    logged before start() are held in memory: the run folder is made only once the run has passed its checks,
+    so a launch that fails leaves no folder behind. Only rank 0 logs (the others get path=None, enabled=False)."""
 
     def __init__(self, path, enabled=True):
         self.path, self.enabled = path, enabled
+        self.pending = []  # lines logged before start(); None after
+
+    def start(self, cfg):
+        """Make the run folder and write config.json (the resolved config) and the lines logged so far."""
+        lines, self.pending = self.pending, None
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_json(os.path.join(os.path.dirname(self.path), "config.json"),
+                   {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
 
     def __call__(self, line):
         if not self.enabled:
             return
         print(line, flush=True)
-        if self.path:
+        if self.pending is not None:
+            self.pending.append(line)
+        elif self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
 
 
-def make_run_dir(cfg):
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+def choose_run_dir(cfg):
+    """out_dir/run_name, or out_dir/<start time> when run_name is empty; RunLog.start() makes it."""
+    if cfg.run_name:
+        return os.path.join(cfg.out_dir, cfg.run_name)  # check_config() refused one that exists
+    name = time.strftime("%Y%m%d-%H%M%S")
     run_dir = os.path.join(cfg.out_dir, name)
     suffix = 1
-    while os.path.exists(run_dir) and not cfg.run_name:  # two runs started in the same second
+    while os.path.exists(run_dir):  # two runs started in the same second
         suffix += 1
         run_dir = os.path.join(cfg.out_dir, f"{name}-{suffix}")
-    os.makedirs(run_dir, exist_ok=True)
     return run_dir
 
 
@@ -969,6 +1110,22 @@ def pick_device(requested):
     return torch.device("cpu")
 
 
+def peak_bf16_flops(device):
+    """The card's dense bf16 peak from its datasheet, for MFU (model FLOPs utilization); None if unknown."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for card, flops in (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)):
+        if card in name:
+            return flops
+    return None
+
+
+def duration(seconds):
+    """12345.6 -> '3h25m46s', for the ETA."""
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -984,7 +1141,8 @@ class ConfigError(SystemExit):
     """A bad setting: exits with a message that names the field and the fix."""
 
     def __init__(self, message):
-        super().__init__(f"config error: {message}")
+        # Under torchrun every rank checks the config: rank 0 says what is wrong, the others exit quietly.
+        super().__init__(f"config error: {message}" if os.environ.get("RANK", "0") == "0" else 2)
 
 
 def field_comments():
@@ -1109,6 +1267,15 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--weight_decay={cfg.weight_decay} must be >= 0")
     if cfg.device not in ("", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"--device={cfg.device!r} is not one of cuda, mps, cpu (or empty for automatic)")
+    if cfg.run_name and not cfg.resume and os.path.exists(os.path.join(cfg.out_dir, cfg.run_name)):
+        raise ConfigError(f"--run_name={cfg.run_name}: {os.path.join(cfg.out_dir, cfg.run_name)} exists already (its "
+                          "log belongs to another run); pick another name, or continue that run with --resume")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={cfg.device}, but torch sees no CUDA GPU here; use --device=cpu, or leave "
+                          "--device empty for the best device there is")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device=mps, but this machine has no Apple MPS device; use --device=cpu, or leave "
+                          "--device empty for the best device there is")
     tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
     if cfg.total_batch_size % tokens_per_micro_step:
         raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * "
@@ -1120,13 +1287,16 @@ def check_config(cfg, world_size=1):
                           "--sample_max_tokens")
     if cfg.temperature < 0 or cfg.top_k < 0:
         raise ConfigError(f"--temperature={cfg.temperature} and --top_k={cfg.top_k} must be >= 0")
-    if cfg.sample_every and not cfg.sample_prompts.strip("|"):
-        raise ConfigError("--sample_prompts is empty; give at least one prompt or set --sample_every=0")
+    if cfg.sample_every and not all(prompt.strip() for prompt in cfg.sample_prompts.split("|")):
+        raise ConfigError(f"--sample_prompts={cfg.sample_prompts!r} holds an empty prompt; give prompts separated "
+                          "by single '|', or set --sample_every=0")
     if cfg.ckpt_every < 0 or cfg.keep_last < 0:
         raise ConfigError(f"--ckpt_every={cfg.ckpt_every} and --keep_last={cfg.keep_last} must be >= 0")
     if cfg.resume and not os.path.isdir(cfg.resume):
         raise ConfigError(f"--resume={cfg.resume!r} is not a folder; give a checkpoint folder "
                           "(run/checkpoints/step_NNNNNN) or a run folder")
+    if cfg.sample_only and not cfg.resume:
+        raise ConfigError("--sample_only needs --resume=FOLDER: the checkpoint (or run folder) to sample from")
     if cfg.hellaswag_every < 0 or cfg.hellaswag_examples < 0:
         raise ConfigError("--hellaswag_every and --hellaswag_examples must be >= 0")
     if cfg.hellaswag_mode not in ("standard", "one-shot"):
@@ -1157,6 +1327,8 @@ def check_config(cfg, world_size=1):
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    if cfg.sample_only:
+        return sample_from_checkpoint(cfg)
     rank, _, world_size, device = setup_distributed(cfg.device)
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same seed on every rank: identical initial models
@@ -1164,6 +1336,8 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+    if checkpoint:
+        verify_checkpoint(checkpoint)
     resumed = torch.load(os.path.join(checkpoint, "state.pt"), map_location="cpu", weights_only=True) \
         if checkpoint else None
     if resumed and resumed["world_size"] != world_size:
@@ -1176,10 +1350,8 @@ def main(argv=None):
     if checkpoint and os.path.basename(os.path.dirname(checkpoint)) == "checkpoints":
         run_dir = os.path.dirname(os.path.dirname(checkpoint)) if master else None  # the run goes on in its folder
     else:
-        run_dir = make_run_dir(cfg) if master else None
+        run_dir = choose_run_dir(cfg) if master else None
     log = RunLog(os.path.join(run_dir, "log.txt") if master else None, enabled=master)
-    if master:
-        write_json(os.path.join(run_dir, "config.json"), {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     log(f"script:{os.path.basename(__file__)}")
     log(f"run_dir:{run_dir}")
@@ -1208,6 +1380,9 @@ def main(argv=None):
     grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.block_size * world_size)
     log(f"model_params:{sum(p.numel() for p in raw_model.parameters())} grad_accum_steps:{grad_accum_steps} "
         f"tokens_per_step:{cfg.total_batch_size}")
+    # The matmul FLOPs of one token's forward and backward: 6 per parameter, plus attention's scores and mixing.
+    flops_per_token = 6 * sum(p.numel() for p in raw_model.parameters()) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    peak_flops = peak_bf16_flops(device)
 
     losses, val_losses = [], []
     train_time = 0.0
@@ -1215,26 +1390,39 @@ def main(argv=None):
     # Validation costs time that a speedrun wants to spend training: with a target, the scheduled validations
     # start only once the train loss is close enough (a noisy but free estimate), and stay on from then.
     near_target = not cfg.val_target
-    if resumed:
-        load_model(raw_model, os.path.join(checkpoint, "model.safetensors"), device=str(device))
-        optimizer.load_state_dict(resumed["optimizer"])
-        train_loader.load_state_dict(resumed["loader"][rank])
-        set_rng_state(resumed["rng"][rank], device)
+    if resumed:  # restored before the run folder is touched: a resume that does not fit leaves it as it was
         start_step, train_time = resumed["step"], resumed["train_time"]
         near_target = near_target or resumed["near_target"]
         if start_step > cfg.max_steps:
             raise SystemExit(f"--resume={cfg.resume} is at step {start_step}, past --max_steps={cfg.max_steps}")
-        changed = [k for k, v in resumed["config"].items() if getattr(cfg, k, v) != v and k not in ("resume",)]
+        changed = changed_fields(resumed["config"], cfg)
+        try:
+            load_model(raw_model, os.path.join(checkpoint, "model.safetensors"), device=str(device))
+            load_optimizer_state(optimizer, resumed["optimizer"])
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError):
+            raise SystemExit(f"--resume={cfg.resume}: the checkpoint's model or optimizer does not fit this config; "
+                             "it differs in " + "; ".join(f"{name}: checkpoint {resumed['config'][name]}, config "
+                                                          f"{getattr(cfg, name)}" for name in changed)) from None
+        train_loader.load_state_dict(resumed["loader"][rank])
+        set_rng_state(resumed["rng"][rank], device)
         log(f"resumed from:{checkpoint} at_step:{start_step} changed_fields:{','.join(changed) or 'none'}")
+    log.start(cfg)  # every check has passed: make (or continue) the run folder
+    stop = StopSignal()
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
-        if cfg.ckpt_every > 0 and step > start_step and (last_step or step % cfg.ckpt_every == 0):
+        stopping = stop.requested(world_size, device)
+        if step > start_step and cfg.ckpt_every > 0 and (stopping or last_step or step % cfg.ckpt_every == 0):
             state = {"step": step, "train_time": train_time, "optimizer": optimizer.state_dict(),
                      "loader": gather(train_loader.state_dict(), world_size), "rng": gather(rng_state(device), world_size),
                      "world_size": world_size, "config": dataclasses.asdict(cfg), "near_target": near_target}
             if master:
-                log(f"checkpoint:{save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg)}")
+                log(f"checkpoint:{save_checkpoint(run_dir, step, raw_model, state, cfg)}")
+        if stopping:
+            saved = f"continue with --resume={run_dir}" if cfg.ckpt_every > 0 else "no checkpoint: --ckpt_every=0"
+            log(f"stopped by {stop.received or 'another rank'} after step {step}; {saved}")
+            break
         if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0 and near_target):
+            # the training model (compiled, DDP): validation batches have training's shapes, nothing recompiles
             val_loss = evaluate(model, val_shards, cfg, rank, world_size, device, autocast)
             val_losses.append((step, val_loss))
             log(f"step:{step}/{cfg.max_steps} val_loss:{val_loss:.6f} val_ppl:{math.exp(min(val_loss, 80)):.2f} "
@@ -1244,10 +1432,13 @@ def main(argv=None):
                     f"train_time:{train_time * 1000:.0f}ms")
                 last_step = True  # HellaSwag and samples run as after the last step, then the run ends
         if cfg.hellaswag_every > 0 and (last_step or step % cfg.hellaswag_every == 0):
+            # raw_model: examples of every length (compile would recompile), a different count on each rank
             correct, total = evaluate_hellaswag(raw_model, hellaswag, cfg, rank, world_size, device, autocast)
             log(f"step:{step}/{cfg.max_steps} hellaswag_acc:{correct / total:.4f} hellaswag_correct:{correct} "
                 f"hellaswag_total:{total} mode:{cfg.hellaswag_mode}")
         if master and cfg.sample_every > 0 and (last_step or step % cfg.sample_every == 0):
+            # raw_model: a sample grows a token per forward (new shapes that torch.compile would recompile
+            # for), and only rank 0 samples while a DDP forward expects every rank
             write_samples(raw_model, step, cfg, device, autocast, log)
         if last_step:
             break
@@ -1281,13 +1472,19 @@ def main(argv=None):
         train_time += dt
         losses.append(loss_accum.item())
         near_target = near_target or losses[-1] + cfg.val_target_margin <= cfg.val_target
+        eta = duration(train_time / (step + 1) * (cfg.max_steps - step - 1))
+        mfu = f" mfu:{flops_per_token * cfg.total_batch_size / dt / (peak_flops * world_size):.1%}" if peak_flops else ""
         log(f"step:{step + 1}/{cfg.max_steps} loss:{losses[-1]:.6f} lr:{lr:.4e} grad_norm:{grad_norm.item():.4f} "
             f"dt:{dt * 1000:.1f}ms tok/s:{cfg.total_batch_size / dt:.0f} tokens:{(step + 1) * cfg.total_batch_size} "
-            f"train_time:{train_time * 1000:.0f}ms")
+            f"train_time:{train_time * 1000:.0f}ms eta:{eta}{mfu}")
+        if not math.isfinite(losses[-1]):
+            log(f"stopped: the loss is {losses[-1]} at step {step + 1}; training diverged")
+            raise SystemExit(f"the loss became {losses[-1]} at step {step + 1}: training diverged. Lower "
+                             "--learning_rate (or lengthen --warmup_steps) and start again")
 
-    peak_mem = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
-    log(f"done steps:{step} tokens:{step * cfg.total_batch_size} "
-        f"train_time:{train_time * 1000:.0f}ms peak_mem:{peak_mem}MiB")
+    peak_mem = f" peak_mem:{torch.cuda.max_memory_allocated(device) // 2**20}MiB" if device.type == "cuda" else ""
+    stop.restore()
+    log(f"done steps:{step} tokens:{step * cfg.total_batch_size} train_time:{train_time * 1000:.0f}ms{peak_mem}")
     if dist.is_initialized():  # torchrun with one process joins a group too
         dist.barrier()  # rank 0 may still be writing: leave together, or a rank can be torn down mid-exit
         dist.destroy_process_group()
