@@ -1,6 +1,5 @@
 """plot_runs.py: the plot is a real PNG from real and synthetic runs (the logs are read by runlog.py, tested in
 test_runlog.py)."""
-import math
 import os
 import sys
 
