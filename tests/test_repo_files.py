@@ -56,3 +56,12 @@ def test_the_quick_demo_reads_the_committed_input_txt_offline(tmp_path, monkeypa
     result = module.main(["--preset=demo"] + [f"--{key}={value}" for key, value in quick.items() if key in fields])
     assert len(result["losses"]) == 1 and result["run_dir"] == os.path.join(str(tmp_path), "demo")
     assert not os.path.exists(os.path.join(REPO, "runs", "demo"))
+
+
+def test_readme_set_up_shows_a_venv_and_both_installs():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## Set up and try it", 1)[1].split("\n## ", 1)[0]
+    for needed in ("python3 -m venv", "pip install -r requirements.txt",
+                   "--index-url https://download.pytorch.org/whl/cpu", "CUDA", "offline"):
+        assert needed in section, needed
+    assert "fetched" not in section  # input.txt is committed
