@@ -23,8 +23,9 @@ KEY = re.compile(r"^([A-Za-z_][\w/]*):(.*)$")
 NUMBER = re.compile(r"^([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf)([A-Za-z%]*)$")
 STEP = re.compile(r"^(\d+)(?:/(\d+))?$")
 MILLISECONDS_PER = {"ms": 1.0, "s": 1e3, "min": 6e4, "h": 3.6e6}  # durations are read in ms, whatever the unit
-# Which list a step line goes to: the first of these keys it holds.
-KINDS = (("loss", "train"), ("val_loss", "val"), ("hellaswag_acc", "hellaswag"), ("sample", "samples"))
+# Which list a step line goes to: the first of these keys on the line (so a sample's text that holds "loss:"
+# after its sample: key cannot make it a train line).
+KIND_OF = {"loss": "train", "val_loss": "val", "hellaswag_acc": "hellaswag", "sample": "samples"}
 
 
 def parse_pairs(line):
@@ -43,7 +44,8 @@ def parse_pairs(line):
 
 def value(text):
     """A logged value as a number where it is one: '6.12' -> 6.12, 'nan' -> nan (a diverged loss), '1234MiB' ->
-    1234.0, '41.5%' -> 41.5, durations in ms ('123.4ms' -> 123.4, '2s' -> 2000.0); anything else stays the string it was."""
+    1234.0, '41.5%' -> 41.5, durations in ms ('123.4ms' -> 123.4, '2s' -> 2000.0); anything else stays the string
+    it was."""
     match = NUMBER.match(text)
     if not match:
         return text
@@ -114,7 +116,7 @@ def parse_log(source):
         if step is None:
             continue
         seen_step = True
-        kind = next((kind for key, kind in KINDS if key in pairs), None)
+        kind = next((KIND_OF[key] for key in pairs if key in KIND_OF), None)
         if kind is None:
             continue  # a step line of a kind this reader does not know yet
         row = {key: value(text) for key, text in pairs.items() if key != "step"}

@@ -13,11 +13,11 @@ launches the script under `torchrun --standalone --nproc_per_node=K` (K = --npro
 <out>/<name>.summary.json and one markdown table row, <out>/<name>.row.md, and appends one JSON line to
 --results (default bench/results.jsonl).
 
---bench100m is the project's benchmark (RECIPES.md §1): 100,663,296 training tokens, validation on the first
-10,485,760 val tokens (--val_tokens) every quarter of the run (--val_every, unless the overrides set it), and
-in the results line the val loss at or nearest after each quarter of the budget.
+--bench100m is the project's benchmark (../shared/RECIPES.md §1): 100,663,296 training tokens, validation on the
+first 10,485,760 val tokens (--val_tokens) every quarter of the run (--val_every, unless the overrides set it),
+and in the results line the val loss at or nearest after each quarter of the budget.
 
-How each number is measured (README.md has the long form):
+How each number is measured (bench/README.md has the long form):
 - steady tokens/s: the median step's dt over the steps after the first max(5, 10% of the steps), as tokens per
   step / median dt. dt is the script's own per-step wall time; validation is outside it.
 - compile + warm-up seconds: sum of the first 3 steps' dt minus 3 x the median steady dt (step 1 holds
@@ -58,7 +58,7 @@ import gpt2_tokenizer  # noqa: E402
 import runlog  # noqa: E402
 
 FIRST_SHARD_STEP = 3  # lineage steps from 03 read a folder of .npy shards; 01-02 read a text file
-BENCH100M_TOKENS = 100_663_296  # = 384 x 262,144 = 256 x 393,216 = 192 x 524,288 (RECIPES.md §1)
+BENCH100M_TOKENS = 100_663_296  # = 384 x 262,144 = 256 x 393,216 = 192 x 524,288 (shared/RECIPES.md §1)
 BENCH100M_VAL_TOKENS = 10_485_760  # the first this many tokens of the val shard, the speedrun's val set
 RESULTS = os.path.join(HERE, "results.jsonl")
 
@@ -332,7 +332,8 @@ def val_at_quarters(val, budget):
 
 
 def result_line(summary, corpus_sha256=None):
-    """The one JSON line a run appends to the results file: what RECIPES.md §1 asks a benchmark to report."""
+    """The one JSON line a run appends to the results file: what ../shared/RECIPES.md §1 asks a benchmark to
+    report."""
     return {
         "name": summary["name"], "card": summary["card"], "date": summary["date"], "script": summary["script"],
         "overrides": summary["overrides"], "protocol": summary["protocol"], "budget_tokens": summary["budget_tokens"],

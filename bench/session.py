@@ -20,7 +20,7 @@ bench/results.jsonl). After every run the output folder (--out, default $OUT if 
 rewritten, so a session cut off by a time limit still leaves its results; it stays flat and small:
   results.jsonl     this session's results lines (the ones appended to --results)
   results.md        the markdown table (header + one row a run)
-  summaries.json    every run's summary (bench/run.py's fields; README.md explains them)
+  summaries.json    every run's summary (bench/run.py's fields; bench/README.md explains them)
   logs.txt          the corpus build, then each run's output without most train-step lines
   plot.png          val loss (train loss where a script has no validation) against time and against tokens
   corpus_info.json  the corpus's info.json (counts, sha256)
@@ -237,7 +237,7 @@ def parse_args(argv):
     parser.add_argument("--run", action="append", default=[], help="one run (see above); repeat for more")
     parser.add_argument("--plan", help="runs from a file or inline JSON (see above); before the --run ones")
     parser.add_argument("--bench100m", action="store_true", help="every run is the project's benchmark "
-                        f"({bench_run.BENCH100M_TOKENS:,} tokens, RECIPES.md §1); runs then give no budget")
+                        f"({bench_run.BENCH100M_TOKENS:,} tokens, ../shared/RECIPES.md §1); runs give no budget")
     parser.add_argument("--budget-tokens", type=bench_run.parse_count, default=50_000_000,
                         help="tokens per run unless the run says budget= or steps= (default 50M)")
     parser.add_argument("--baseline", default="", help="the baseline run's name, recorded in every results line "

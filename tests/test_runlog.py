@@ -24,7 +24,7 @@ run_dir:runs/x
 device:cuda:0 gpu:NVIDIA H100 80GB HBM3 torch:2.11.0+cu130 world_size:1
 model_params:1234 grad_accum_steps:1 tokens_per_step:128
 step:0/4 val_loss:10.900000 val_ppl:54176.36 tokens:0 train_time:0ms
-step:0/4 sample:0 prompt:ROMEO:
+step:0/4 sample:0 prompt:ROMEO: text:"ROMEO: the loss:3.0 of it"
 ROMEO: what light through
 device:yonder window breaks
 step:1/4 loss:10.000000 lr:1.0000e-03 grad_norm:1.5000 dt:100.0ms tok/s:1280 tokens:128 train_time:100ms eta:3.5s
@@ -103,7 +103,8 @@ def test_the_tests_helpers_read_through_runlog(tmp_path):
 def test_a_real_run_of_the_newest_script(tmp_path, shakespeare):
     script = SCRIPTS[-1]
     module = load_script(script)
-    fields = {"sample_every": 2, "sample_count": 1, "sample_min_tokens": 4, "sample_max_tokens": 8, "max_steps": 4}
+    fields = {"sample_every": 2, "sample_count": 1, "sample_min_tokens": 4, "sample_max_tokens": 8, "max_steps": 4,
+              "ckpt_every": 0}  # no checkpoint: megabytes that pytest's tmp folders would keep
     names = {field for field in module.Config.__dataclass_fields__}
     extra = {key: value for key, value in fields.items() if key in names}
     run_dir = module.main(tiny_args(script, shakespeare, str(tmp_path), run_name="r", **extra))["run_dir"]
