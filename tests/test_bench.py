@@ -451,3 +451,20 @@ def test_train_documents_go_on_across_shards(tmp_path):
         np.save(tmp_path / "npy" / f"x_train_{index:06d}.npy", stream[begin:end])
     np.save(tmp_path / "npy" / "x_val_000000.npy", np.array([50256, 99], dtype=np.uint16))
     assert [d.tolist() for d in bench_run.train_documents(str(tmp_path))] == [[1, 2], [3, 4, 5, 6], [7], [8, 9]]
+
+
+def test_session_bench100m_runs_every_run_by_the_protocol(tmp_path):
+    stub_corpus = tmp_path / "make_corpus.py"
+    stub_corpus.write_text(CORPUS_STUB)
+    script = write_stub(tmp_path, total_batch_size=25_165_824)
+    base = [sys.executable, os.path.join(BENCH, "session.py"), "--bench100m", "--corpus", str(tmp_path / "corpus"),
+            "--corpus-script", str(stub_corpus), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+            "--results", ""]
+    done = subprocess.run(base + ["--run", f"name=a torchrun=0 {script} --data=unused"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (line,) = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert (line["protocol"], line["budget_tokens"], line["baseline"]) == ("bench100m", 100_663_296, "a")
+    assert [p["val_loss"] for p in line["val_at_quarters"]] == [9.0, 8.0, 7.0, 6.0]
+    done = subprocess.run(base + ["--run", f"steps=2 {script}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "drop budget= and steps=" in done.stderr
