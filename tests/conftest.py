@@ -81,19 +81,19 @@ def tiny_args(script, data, out_dir, **overrides):
     return [f"--{key}={value}" for key, value in values.items()]
 
 
+def _runlog():
+    """runlog.py, the project's one log parser (a repo-root module, like the tools that use it)."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    import runlog
+    return runlog
+
+
 def read_log(run_dir):
     """The key:value pairs of each line of a run's log.txt, as a list of dicts (values left as strings)."""
-    rows = []
-    with open(os.path.join(run_dir, "log.txt"), encoding="utf-8") as f:
-        for line in f:
-            rows.append(dict(pair.split(":", 1) for pair in line.split() if ":" in pair))
-    return rows
+    return _runlog().read_rows(os.path.join(run_dir, "log.txt"))
 
 
 def logged_steps(run_dir, key="loss"):
-    """{step: value of `key`} from the step lines of a run's log."""
-    steps = {}
-    for row in read_log(run_dir):
-        if "step" in row and key in row:
-            steps[int(row["step"].split("/")[0])] = float(row[key])
-    return steps
+    """{step: value of `key`} from the step lines of a run's log (the last line of a step wins)."""
+    return _runlog().step_values(os.path.join(run_dir, "log.txt"), key)

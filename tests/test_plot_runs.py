@@ -1,5 +1,5 @@
-"""plot_runs.py: parse_log reads the log format by key, and the plot is a real PNG from real and synthetic runs."""
-import math
+"""plot_runs.py: the plot is a real PNG from real and synthetic runs (the logs are read by runlog.py, tested in
+test_runlog.py)."""
 import os
 import sys
 
@@ -9,6 +9,7 @@ from conftest import REPO, TINY, load_script, script_number, scripts_from, tiny_
 
 sys.path.insert(0, REPO)
 import plot_runs  # noqa: E402  (a repo-root tool, not a package)
+import runlog  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -46,42 +47,6 @@ def write_run(root, name, log):
     with open(os.path.join(run_dir, "log.txt"), "w") as f:
         f.write(log)
     return run_dir
-
-
-def test_parse_log_reads_every_kind_of_line(tmp_path):
-    log = plot_runs.parse_log(os.path.join(write_run(tmp_path, "with-val", SYNTHETIC_LOG), "log.txt"))
-    train, val = log["train"], log["val"]
-    assert train["step"] == [1, 2, 3, 4]
-    assert train["loss"] == [10.0, 8.0, 7.0, 6.0]
-    assert train["lr"] == [1e-3, 8e-4, 5e-4, 2e-4]
-    assert train["tokens"] == [128, 256, 384, 512]
-    assert train["train_time"] == pytest.approx([0.1, 0.15, 0.2, 0.25])  # seconds
-    assert train["tok_s"] == [1280, 2560, 2560, 2560]
-    assert val == {"step": [2, 4], "val_loss": [8.5, 6.5], "tokens": [256, 512],
-                   "train_time": pytest.approx([0.15, 0.25])}
-    assert log["hellaswag"] == {"step": [4], "acc": [0.25], "correct": [25], "total": [100]}
-    assert log["done"] == {"steps": "4", "tokens": "512", "train_time": "250ms", "peak_mem": "0MiB"}
-    # A value with spaces (the GPU name) stays whole; header keys are all there.
-    assert log["header"]["gpu"] == "NVIDIA H100 80GB HBM3"
-    assert log["header"]["device"] == "cuda:0"
-    assert log["header"]["script"] == "04-add-validation.py"
-    assert log["header"]["model_params"] == "1234"
-
-
-def test_parse_log_missing_key_is_nan_and_resumed_steps_replace_old_ones(tmp_path):
-    path = tmp_path / "log.txt"
-    path.write_text(
-        "step:1/3 loss:5.0 lr:1e-3 tok/s:10 tokens:10 train_time:1000ms\n"
-        "step:2/3 loss:4.0 lr:1e-3 tok/s:10 tokens:20 train_time:2000ms\n"
-        "step:3/3 loss:3.9 lr:1e-3 tok/s:10 tokens:30 train_time:3000ms\n"
-        "script:06-add-checkpointing.py\n"  # resumed from the step-1 checkpoint: steps 2 and 3 again
-        "step:2/3 loss:4.5 lr:1e-3 tokens:20 train_time:2500ms\n"
-        "step:3/3 loss:3.5 lr:1e-3 tok/s:10 tokens:30 train_time:3500ms\n")
-    train = plot_runs.parse_log(str(path))["train"]
-    assert train["step"] == [1, 2, 3]
-    assert train["loss"] == [5.0, 4.5, 3.5]
-    assert train["train_time"] == [1.0, 2.5, 3.5]
-    assert math.isnan(train["tok_s"][1])
 
 
 def test_ema_is_bias_corrected_and_zero_is_off():
@@ -135,6 +100,13 @@ def test_bad_input_is_a_clear_error(tmp_path, argv, message):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_out_in_a_missing_folder_is_created(tmp_path, capsys):
+    run_dir = write_run(tmp_path, "with-val", SYNTHETIC_LOG)
+    out = tmp_path / "plots" / "today" / "cmp.png"
+    plot_runs.main([run_dir, f"--out={out}"])
+    assert out.read_bytes()[:8] == PNG_MAGIC and f"wrote {out}" in capsys.readouterr().out
+
+
 # The real thing: tiny CPU runs of the baseline (01) and of the first script with validation (04), once they exist
 # (the parameter list is built at collection time, so a real-run case is there exactly when its script is).
 @pytest.mark.parametrize("source", ["synthetic"] + scripts_from(1, 1) + scripts_from(4, 4))
@@ -144,14 +116,15 @@ def test_plot_from_a_run_log(source, tmp_path, shakespeare):
     else:
         result = load_script(source).main(tiny_args(source, shakespeare, str(tmp_path / "runs"), run_name="tiny"))
         run_dir, steps, tokens_per_step = result["run_dir"], TINY["max_steps"], TINY["total_batch_size"]
-    train = plot_runs.parse_log(os.path.join(run_dir, "log.txt"))["train"]
-    assert train["step"] == list(range(1, steps + 1))
-    assert train["tokens"] == [tokens_per_step * step for step in train["step"]]
-    assert all(loss > 0 for loss in train["loss"]) and train["train_time"] == sorted(train["train_time"])
-    val = plot_runs.parse_log(os.path.join(run_dir, "log.txt"))["val"]
+    log = runlog.parse_log(os.path.join(run_dir, "log.txt"))
+    train, val = log["train"], log["val"]
+    assert [row["step"] for row in train] == list(range(1, steps + 1))
+    assert [row["tokens"] for row in train] == [tokens_per_step * row["step"] for row in train]
+    times = [row["train_time"] for row in train]
+    assert all(row["loss"] > 0 for row in train) and times == sorted(times)
     if source == "synthetic" or script_number(source) >= 4:  # validation exists from 04 (at least at the end)
-        assert val["step"] and val["step"][-1] == steps and val["tokens"][-1] == train["tokens"][-1]
-        assert all(loss > 0 for loss in val["val_loss"])
+        assert val and val[-1]["step"] == steps and val[-1]["tokens"] == train[-1]["tokens"]
+        assert all(row["val_loss"] > 0 for row in val)
     out = tmp_path / "plot.png"
     plot_runs.main([run_dir, f"--out={out}"])
     assert out.read_bytes()[:8] == PNG_MAGIC

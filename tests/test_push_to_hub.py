@@ -91,9 +91,9 @@ def import_path(path, name):
     return module
 
 
-def make_synthetic_run(runs_dir, name=RUN_NAME, tied="once"):
-    """runs_dir/name/ with config.json, log.txt and checkpoints step_000002, step_000004. tied="once": the weights
-    saved by safetensors' save_model (the tied matrix stored once); "twice": save_file of every state_dict key."""
+def make_synthetic_run(runs_dir, name=RUN_NAME):
+    """runs_dir/name/ with config.json, log.txt and checkpoints step_000002, step_000004, the weights saved by
+    safetensors' save_model as the scripts save them (the tied matrix stored once)."""
     run_dir = os.path.join(runs_dir, name)
     os.makedirs(run_dir)
     config = dict(SYNTHETIC_CONFIG, run_name=name)
@@ -113,10 +113,7 @@ def make_synthetic_run(runs_dir, name=RUN_NAME, tied="once"):
                 param.copy_(torch.full_like(param, step + index / 10))  # unlike any fresh init
         folder = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
         os.makedirs(folder)
-        if tied == "once":
-            save_model(model, os.path.join(folder, "model.safetensors"))
-        else:
-            save_file({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+        save_model(model, os.path.join(folder, "model.safetensors"))
         torch.save({"step": step}, os.path.join(folder, "state.pt"))
         shutil.copy(os.path.join(run_dir, "config.json"), os.path.join(folder, "config.json"))
     os.makedirs(os.path.join(run_dir, "checkpoints", "step_000006.tmp"))  # a save in progress: not a checkpoint
@@ -134,12 +131,23 @@ _real_runs = {}
 
 
 def real_run(script, tmp_path_factory, shakespeare):
-    """Run the script once per session; returns its run directory."""
+    """Run the script once per module; returns its run directory. Checkpoints at steps 2, 4 and 5, each ~10 MB
+    (the 50,304-token embedding and its AdamW moments): remove_real_runs deletes them after the module."""
     if script not in _real_runs:
         checkpointing = dict(ckpt_every=2, keep_last=10) if script_number(script) >= 6 else {}
-        args = tiny_args(script, shakespeare, str(tmp_path_factory.mktemp("runs")), run_name="tiny", **checkpointing)
+        args = tiny_args(script, shakespeare, str(tmp_path_factory.mktemp("runs")), run_name="tiny", n_embd=16,
+                         **checkpointing)
         _real_runs[script] = load_script(script).main(args)["run_dir"]
     return _real_runs[script]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_real_runs():
+    """Nothing large outlives a passing run: pytest keeps tmp folders of the last runs, so delete the checkpoints."""
+    yield
+    for run_dir in _real_runs.values():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    _real_runs.clear()
 
 
 REAL_RUNS = scripts_from(1, 1) + scripts_from(4, 4) + scripts_from(6, 6)
@@ -226,6 +234,25 @@ def test_find_run_default_is_the_newest_run(tmp_path):
     assert push_to_hub.find_run(None, runs_dir) == newer
 
 
+def test_find_run_default_skips_unfinished_runs_and_says_which_it_picked(tmp_path, capsys):
+    runs_dir = str(tmp_path / "runs")
+    finished = make_synthetic_run(runs_dir, "20250101-120000")
+    running = make_synthetic_run(runs_dir, "20250102-090000")  # newer, but still training: no done line
+    with open(os.path.join(running, "log.txt"), "w") as f:
+        f.write(SYNTHETIC_LOG.split("done ")[0])
+    no_log = make_synthetic_run(runs_dir, "20250103-090000")  # crashed before its first line
+    os.remove(os.path.join(no_log, "log.txt"))
+    os.utime(os.path.join(finished, "config.json"), (1_000, 1_000))
+    assert push_to_hub.find_run(None, runs_dir) == finished
+    assert capsys.readouterr().out == (f"run: {finished} (the newest finished run in {runs_dir}/; 2 unfinished "
+                                       "skipped; --run picks another)\n")
+    assert push_to_hub.find_run(running, runs_dir) == running  # named explicitly: taken as it is
+    assert capsys.readouterr().out == ""
+    shutil.rmtree(finished)
+    with pytest.raises(push_to_hub.UploadError, match=r"no finished runs in .* \(2 unfinished"):
+        push_to_hub.find_run(None, runs_dir)
+
+
 def test_find_run_by_name_or_path(synthetic_run, tmp_path):
     runs_dir = os.path.dirname(synthetic_run)
     assert push_to_hub.find_run(RUN_NAME, runs_dir) == os.path.join(runs_dir, RUN_NAME)
@@ -309,7 +336,7 @@ def test_model_card_of_any_run(any_run):
     run_dir, source = any_run
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
-    log = push_to_hub.parse_log(os.path.join(run_dir, "log.txt"))
+    log = push_to_hub.runlog.parse_log(os.path.join(run_dir, "log.txt"))
     card = push_to_hub.model_card(run_dir, "alice/gpt-3-small_x", push_to_hub.plan_upload(run_dir))
     assert f"`{config['script']}`" in card
     if source != "synthetic":
@@ -317,13 +344,13 @@ def test_model_card_of_any_run(any_run):
         tokens = TINY["max_steps"] * TINY["total_batch_size"]  # from the done line
         assert f"| tokens seen | {tokens:,} |" in card
         assert "| training time | " in card and "unknown" not in card
-        assert "| n_layer | `2` |" in card and "| n_embd | `32` |" in card and "| block_size | `32` |" in card
-    if log["val"]["step"]:
-        assert f"| final val loss | {log['val']['val_loss'][-1]:.4f} (step {log['val']['step'][-1]}) |" in card
+        assert "| n_layer | `2` |" in card and "| n_embd | `16` |" in card and "| block_size | `32` |" in card
+    if log["val"]:
+        assert f"| final val loss | {log['val'][-1]['val_loss']:.4f} (step {log['val'][-1]['step']}) |" in card
     else:
         assert "| final val loss | not measured |" in card
     if source != "synthetic" and script_number(source) >= 4:
-        assert log["val"]["step"], "validation runs at least at the end from 04 on"
+        assert log["val"], "validation runs at least at the end from 04 on"
     assert ("load_model(" in card) == bool(push_to_hub.checkpoints(run_dir))
 
 
@@ -331,40 +358,70 @@ def extract_snippet(card):
     return card.split("```python\n", 1)[1].split("\n```", 1)[0]
 
 
-@pytest.mark.parametrize("source", ["synthetic-tied-once", "synthetic-tied-twice"] + CHECKPOINT_RUNS)
-def test_model_card_snippet_loads_the_weights(source, tmp_path, tmp_path_factory, shakespeare, monkeypatch):
-    """Lay the uploaded files out as `hf download` would, add the script, run the card's snippet: the model must
-    hold exactly the newest checkpoint's weights."""
-    if source.startswith("synthetic"):
-        run_dir = make_synthetic_run(str(tmp_path / "runs"), tied=source.rsplit("-", 1)[1])
-        script_path = os.path.join(tmp_path, "runs", "tiny_gpt.py")
-    else:
-        run_dir = real_run(source, tmp_path_factory, shakespeare)
-        script_path = os.path.join(REPO, source)
+def download_and_run_snippet(run_dir, script_path, folder, monkeypatch, edit_weights=None):
+    """Lay the uploaded files out in `folder` as `hf download` would, add the script, optionally change the
+    weights file (edit_weights(dict of tensors) -> dict), and run the card's snippet; returns (namespace, plan)."""
     plan = push_to_hub.plan_upload(run_dir, "newest")
     card = push_to_hub.model_card(run_dir, "alice/gpt-3-small_x", plan)
-    download = tmp_path / "download"
     for local, path in plan:
-        (download / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
         if local is None:
-            (download / path).write_text(card)
-        else:
-            shutil.copy(local, download / path)
+            (folder / path).write_text(card)
+        elif path.endswith("/model.safetensors") and edit_weights:
+            save_file(edit_weights(load_file(local)), folder / path)
+        elif not path.endswith("/state.pt"):  # the optimizer state: not read by the snippet, the largest file
+            shutil.copy(local, folder / path)
     with open(os.path.join(run_dir, "config.json")) as f:
-        shutil.copy(script_path, download / json.load(f)["script"])
-    monkeypatch.chdir(download)
+        shutil.copy(script_path, folder / json.load(f)["script"])
+    monkeypatch.chdir(folder)
     monkeypatch.delitem(sys.modules, "gpt_script", raising=False)
     namespace = {}
     try:
         exec(extract_snippet(card), namespace)
     finally:
         sys.modules.pop("gpt_script", None)
+    return namespace, plan
+
+
+@pytest.mark.parametrize("source", ["synthetic"] + CHECKPOINT_RUNS)
+def test_model_card_snippet_loads_the_weights(source, tmp_path, tmp_path_factory, shakespeare, monkeypatch):
+    """The model the card's snippet builds holds exactly the newest checkpoint's weights."""
+    if source == "synthetic":
+        run_dir = make_synthetic_run(str(tmp_path / "runs"))
+        script_path = os.path.join(tmp_path, "runs", "tiny_gpt.py")
+    else:
+        run_dir = real_run(source, tmp_path_factory, shakespeare)
+        script_path = os.path.join(REPO, source)
+    download = tmp_path / "download"
+    namespace, plan = download_and_run_snippet(run_dir, script_path, download, monkeypatch)
     model = namespace["model"]
     weights = load_file(next(local for local, path in plan if path.endswith("/model.safetensors")))
     state = model.state_dict()
     for name, tensor in weights.items():
         assert torch.equal(state[name], tensor), name
     assert not model.training
+    shutil.rmtree(download)  # megabytes of weights: not kept in pytest's tmp folders
+
+
+def drop_a_block_weight(weights):
+    name = next(name for name in sorted(weights) if ".h.0." in name or ".h.1." in name)
+    return {key: value for key, value in weights.items() if key != name}
+
+
+@pytest.mark.parametrize("mismatch, edit, message", [
+    ("missing", drop_a_block_weight, "Missing key"),
+    ("unexpected", lambda weights: {**weights, "transformer.h.9.extra.weight": torch.zeros(2)}, "Unexpected key"),
+])
+@pytest.mark.parametrize("script", CHECKPOINT_RUNS)
+def test_model_card_snippet_fails_loudly_on_mismatched_keys(script, mismatch, edit, message, tmp_path,
+                                                            tmp_path_factory, shakespeare, monkeypatch):
+    """A checkpoint whose keys do not match the model (a weight missing, or one the model lacks) must raise, not
+    leave a half-initialized model behind."""
+    run_dir = real_run(script, tmp_path_factory, shakespeare)
+    download = tmp_path / "download"
+    with pytest.raises(RuntimeError, match=message):
+        download_and_run_snippet(run_dir, os.path.join(REPO, script), download, monkeypatch, edit)
+    shutil.rmtree(download)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,9 +493,23 @@ def test_hub_error_is_one_line_without_the_token(synthetic_run, fake_hub, monkey
 # ---------------------------------------------------------------------------------------------------------------
 # Bad inputs
 
+def test_run_without_checkpoint_is_refused_unless_allowed(synthetic_run, fake_hub, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    shutil.rmtree(os.path.join(synthetic_run, "checkpoints"))
+    with pytest.raises(SystemExit) as exit_info:
+        push_to_hub.main([f"--run={synthetic_run}", "--repo-id=alice/x"])
+    assert str(exit_info.value.code).startswith(f"error: {synthetic_run} has no checkpoint") and \
+        "--allow-no-checkpoint" in str(exit_info.value.code)
+    assert fake_hub.calls == []
+    result = push_to_hub.main([f"--run={synthetic_run}", "--repo-id=alice/x", "--allow-no-checkpoint"])
+    assert [path for _, path in result["plan"]] == ["config.json", "log.txt", "README.md"]
+    assert [call[0] for call in fake_hub.calls] == ["create_repo", "create_commit"]
+    assert "has no checkpoint (--allow-no-checkpoint)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case, message", [
-    ("no runs", "no runs in"),
-    ("no runs dir", "no runs in"),
+    ("no runs", "no finished runs in"),
+    ("no runs dir", "no finished runs in"),
     ("unknown run", "unknown run 'nope'"),
     ("no config", "has no config.json"),
     ("no log", "has no log.txt"),
@@ -475,9 +546,9 @@ def test_expected_error_exits_non_zero_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "push_to_hub.py"), f"--runs-dir={tmp_path}"],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: no runs in {tmp_path}/: train one first "
-                                                  "(e.g. python 01-gpt2-baseline.py) or point --runs-dir at the "
-                                                  "out_dir you trained with"]
+    assert result.stderr.strip().splitlines() == [f"error: no finished runs in {tmp_path}/: train one first "
+                                                  "(e.g. python 01-gpt2-baseline.py), point --runs-dir at the "
+                                                  "out_dir you trained with, or name a run with --run"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
