@@ -81,6 +81,7 @@ class Config:
     lr_decay: str = "cosine"  # shape of the cool-down: cosine or linear
     cooldown_fraction: float = 1.0  # the cool-down takes this last fraction of the steps; the peak holds before it
     min_lr: float = 0.0  # hard floor: the learning rate never goes below this value, in any phase
+    lr_decay_tokens: int = 0  # > 0: the schedule ends after this many tokens (then stays at its end rate); 0 = max_steps
     # evaluation
     val_every: int = 250  # validate every N steps and after the last one; 0 = only after the last step
     val_tokens: int = 10485760  # tokens scored per validation, from the start of the val split
@@ -237,17 +238,19 @@ def effective_warmup_steps(cfg):
 
 def get_lr(step, cfg):
     """Linear warmup, the peak until the cool-down starts, then a cosine or linear fall to learning_rate *
-    min_lr_ratio at max_steps; never below the hard floor min_lr."""
+    min_lr_ratio where the schedule ends (max_steps, or after lr_decay_tokens), flat after that; never below the
+    hard floor min_lr."""
     max_lr = cfg.learning_rate
     end_lr = max_lr * cfg.min_lr_ratio  # where the decay ends
     warmup = effective_warmup_steps(cfg)
-    cooldown_start = max(warmup, cfg.max_steps - round(cfg.cooldown_fraction * cfg.max_steps))
+    end = math.ceil(cfg.lr_decay_tokens / cfg.total_batch_size) if cfg.lr_decay_tokens else cfg.max_steps
+    cooldown_start = max(warmup, end - round(cfg.cooldown_fraction * end))
     if step < warmup:
         lr = max_lr * (step + 1) / warmup
-    elif step < cooldown_start or cfg.max_steps <= cooldown_start:
+    elif step < cooldown_start or end <= cooldown_start:
         lr = max_lr
     else:
-        progress = min((step - cooldown_start) / (cfg.max_steps - cooldown_start), 1.0)
+        progress = min((step - cooldown_start) / (end - cooldown_start), 1.0)
         shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1.0 - progress
         lr = end_lr + shape * (max_lr - end_lr)
     return max(lr, cfg.min_lr)
@@ -895,8 +898,9 @@ def check_config(cfg, world_size=1):
                           "pick n_embd a multiple of n_head")
     if cfg.warmup_steps < 0 or cfg.learning_rate <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
         raise ConfigError("--warmup_steps must be >= 0, --learning_rate > 0 and --min_lr_ratio in [0, 1]")
-    if cfg.warmup_tokens < 0 or cfg.min_lr < 0 or not 0 <= cfg.cooldown_fraction <= 1:
-        raise ConfigError("--warmup_tokens and --min_lr must be >= 0 and --cooldown_fraction in [0, 1]")
+    if cfg.warmup_tokens < 0 or cfg.min_lr < 0 or cfg.lr_decay_tokens < 0 or not 0 <= cfg.cooldown_fraction <= 1:
+        raise ConfigError("--warmup_tokens, --min_lr and --lr_decay_tokens must be >= 0 and --cooldown_fraction in "
+                          "[0, 1]")
     if cfg.lr_decay not in ("cosine", "linear"):
         raise ConfigError(f"--lr_decay={cfg.lr_decay!r} is not one of: cosine, linear")
     if not 0 < cfg.val_fraction < 1:

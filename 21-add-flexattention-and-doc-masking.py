@@ -87,6 +87,7 @@ class Config:
     bias: bool = True  # biases in the linear layers and LayerNorms
     activation: str = "gelu"  # MLP non-linearity: gelu, relu, relu2 (ReLU squared), silu or swiglu
     mlp_width: str = "fair"  # swiglu only: fair = hidden 8/3 * n_embd (GELU's parameter count), unfair = 4 * n_embd
+    mlp_ratio: float = 4.0  # the MLP's hidden width in multiples of n_embd (swiglu's fair width is 2/3 of it)
     n_kv_head: int = 0  # key/value heads shared by the query heads: n_head or 0 = MHA, 1 = MQA, between = GQA
     tie_embeddings: bool = True  # one matrix embeds the tokens and scores them (false: the LM head has its own)
     qk_norm: str = "none"  # normalize queries and keys per head before attention: none, rms or l2
@@ -109,12 +110,14 @@ class Config:
     lr_decay: str = "cosine"  # shape of the cool-down: cosine or linear
     cooldown_fraction: float = 1.0  # the cool-down takes this last fraction of the steps; the peak holds before it
     min_lr: float = 0.0  # hard floor: the learning rate never goes below this value, in any phase
+    lr_decay_tokens: int = 0  # > 0: the schedule ends after this many tokens (then stays at its end rate); 0 = max_steps
     optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' 2-D matrices, AdamW for everything else)
     muon_lr: float = 0.02  # Muon's peak learning rate
     muon_momentum: float = 0.95  # Muon's momentum
     muon_nesterov: bool = True  # Muon: Nesterov momentum (the update looks ahead along the momentum)
     muon_ns_steps: int = 5  # Muon: Newton-Schulz iterations that orthogonalize each update
     muon_weight_decay: float = 0.0  # Muon: decoupled weight decay of its matrices
+    muon_update_scale: str = "aspect"  # Muon: aspect = sqrt(max(1, rows/cols)); max_dim = sqrt(max(rows, cols))
     grad_norm_type: float = 2.0  # the p of the p-norm that is measured and clipped (inf = the largest entry)
     # evaluation
     val_every: int = 250  # validate every N steps and after the last one; 0 = only after the last step
@@ -282,9 +285,9 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.gated = cfg.activation == "swiglu"
-        hidden = 4 * cfg.n_embd
-        if self.gated and cfg.mlp_width == "fair":  # 3 matrices of n_embd x hidden = GELU's 2 of n_embd x 4n_embd
-            hidden = max(64, round(8 * cfg.n_embd / 3 / 64) * 64)
+        hidden = round(cfg.mlp_ratio * cfg.n_embd)
+        if self.gated and cfg.mlp_width == "fair":  # 3 matrices of n_embd x 2/3 hidden = GELU's 2 of n_embd x hidden
+            hidden = max(64, round(2 * hidden / 3 / 64) * 64)
         # swiglu's gate and value projections are one matmul, split in forward()
         self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * hidden, bias=cfg.bias)
         if self.gated:
@@ -400,18 +403,20 @@ def newton_schulz(G, steps):
     return X.mT if transposed else X
 
 
-def orthogonalize(update, ns_steps):
-    """Muon's step for one matrix: orthogonalized, then scaled by sqrt(max(1, rows / cols)) so that tall
-    matrices, whose orthogonal updates have smaller entries, move as much per entry as square ones."""
-    return newton_schulz(update, ns_steps) * max(1, update.size(-2) / update.size(-1)) ** 0.5
+def orthogonalize(update, ns_steps, scale="aspect"):
+    """Muon's step for one matrix: orthogonalized, then scaled. aspect: by sqrt(max(1, rows / cols)), so that tall
+    matrices, whose orthogonal updates have smaller entries, move as much per entry as square ones; max_dim: by
+    sqrt(max(rows, cols)), the original lineage's choice (with a muon_lr smaller by about that factor)."""
+    rows, cols = update.size(-2), update.size(-1)
+    return newton_schulz(update, ns_steps) * (max(1, rows / cols) if scale == "aspect" else max(rows, cols)) ** 0.5
 
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz, for 2-D weight matrices."""
 
-    def __init__(self, params, lr, momentum, nesterov, ns_steps, weight_decay):
+    def __init__(self, params, lr, momentum, nesterov, ns_steps, weight_decay, update_scale="aspect"):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, update_scale=update_scale))
 
     @torch.no_grad()
     def step(self):
@@ -425,7 +430,7 @@ class Muon(torch.optim.Optimizer):
                 # A fused projection (q, k and v in one matrix) is several matrices side by side: each is
                 # orthogonalized on its own, or the largest block's gradient would set the others' step size.
                 blocks = update.split(list(getattr(p, "fused_rows", [p.size(0)])))
-                update = torch.cat([orthogonalize(block, group["ns_steps"]) for block in blocks])
+                update = torch.cat([orthogonalize(block, group["ns_steps"], group["update_scale"]) for block in blocks])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
 
@@ -474,7 +479,8 @@ def configure_optimizer(model, cfg, device_type):
     if cfg.optimizer == "adamw":
         return adamw
     muon_optimizer = Muon(muon_params(model), lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                          nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
+                          nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay,
+                          update_scale=cfg.muon_update_scale)
     muon_optimizer.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.learning_rate  # follows AdamW's schedule
     return Optimizers(adamw, muon_optimizer)
 
@@ -485,17 +491,19 @@ def effective_warmup_steps(cfg):
 
 def get_lr(step, cfg):
     """Linear warmup, the peak until the cool-down starts, then a cosine or linear fall to learning_rate *
-    min_lr_ratio at max_steps; never below the hard floor min_lr."""
+    min_lr_ratio where the schedule ends (max_steps, or after lr_decay_tokens), flat after that; never below the
+    hard floor min_lr."""
     max_lr = cfg.learning_rate
     end_lr = max_lr * cfg.min_lr_ratio  # where the decay ends
     warmup = effective_warmup_steps(cfg)
-    cooldown_start = max(warmup, cfg.max_steps - round(cfg.cooldown_fraction * cfg.max_steps))
+    end = math.ceil(cfg.lr_decay_tokens / cfg.total_batch_size) if cfg.lr_decay_tokens else cfg.max_steps
+    cooldown_start = max(warmup, end - round(cfg.cooldown_fraction * end))
     if step < warmup:
         lr = max_lr * (step + 1) / warmup
-    elif step < cooldown_start or cfg.max_steps <= cooldown_start:
+    elif step < cooldown_start or end <= cooldown_start:
         lr = max_lr
     else:
-        progress = min((step - cooldown_start) / (cfg.max_steps - cooldown_start), 1.0)
+        progress = min((step - cooldown_start) / (end - cooldown_start), 1.0)
         shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1.0 - progress
         lr = end_lr + shape * (max_lr - end_lr)
     return max(lr, cfg.min_lr)
@@ -1175,11 +1183,15 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--activation={cfg.activation!r} is not one of: {', '.join(ACTIVATIONS)}, swiglu")
     if cfg.mlp_width not in ("fair", "unfair"):
         raise ConfigError(f"--mlp_width={cfg.mlp_width!r} is not one of: fair, unfair")
+    if not cfg.mlp_ratio > 0:
+        raise ConfigError(f"--mlp_ratio={cfg.mlp_ratio} must be positive (4 = GPT-2's MLP)")
     if cfg.n_kv_head < 0 or (cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
         raise ConfigError(f"--n_head={cfg.n_head} is not divisible by --n_kv_head={cfg.n_kv_head}; pick n_kv_head "
                           "among the divisors of n_head (n_head = MHA, 1 = MQA), or 0 for n_head")
     if cfg.optimizer not in ("adamw", "muon"):
         raise ConfigError(f"--optimizer={cfg.optimizer!r} is not one of: adamw, muon")
+    if cfg.muon_update_scale not in ("aspect", "max_dim"):
+        raise ConfigError(f"--muon_update_scale={cfg.muon_update_scale!r} is not one of: aspect, max_dim")
     if cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1 or cfg.muon_ns_steps < 1 or cfg.muon_weight_decay < 0:
         raise ConfigError("--muon_lr must be > 0, --muon_momentum in [0, 1), --muon_ns_steps >= 1 and "
                           "--muon_weight_decay >= 0")
@@ -1196,8 +1208,9 @@ def check_config(cfg, world_size=1):
                           "pick n_embd a multiple of n_head")
     if cfg.warmup_steps < 0 or cfg.learning_rate <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
         raise ConfigError("--warmup_steps must be >= 0, --learning_rate > 0 and --min_lr_ratio in [0, 1]")
-    if cfg.warmup_tokens < 0 or cfg.min_lr < 0 or not 0 <= cfg.cooldown_fraction <= 1:
-        raise ConfigError("--warmup_tokens and --min_lr must be >= 0 and --cooldown_fraction in [0, 1]")
+    if cfg.warmup_tokens < 0 or cfg.min_lr < 0 or cfg.lr_decay_tokens < 0 or not 0 <= cfg.cooldown_fraction <= 1:
+        raise ConfigError("--warmup_tokens, --min_lr and --lr_decay_tokens must be >= 0 and --cooldown_fraction in "
+                          "[0, 1]")
     if cfg.lr_decay not in ("cosine", "linear"):
         raise ConfigError(f"--lr_decay={cfg.lr_decay!r} is not one of: cosine, linear")
     if not 0 < cfg.val_fraction < 1:

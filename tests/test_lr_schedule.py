@@ -55,3 +55,17 @@ def test_training_uses_the_schedule(script, shakespeare, tmp_path):
     result = module.main(tiny_args(script, shakespeare, tmp_path, run_name="r", **args))
     logged = logged_steps(result["run_dir"], "lr")
     assert [logged[s] for s in range(1, 7)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 2 / 3 * 1e-3, 1 / 3 * 1e-3], rel=1e-3)
+
+
+@pytest.mark.parametrize("script", scripts_from(8))
+def test_lr_decay_tokens_ends_the_schedule_early_then_holds(script):
+    """The original lineage's schedule: cosine over a token budget, whatever the run's length, then flat."""
+    module = load_script(script)
+    cfg = module.parse_config(["--learning_rate=1.0", "--min_lr_ratio=0.1", "--warmup_steps=0", "--max_steps=300",
+                               "--total_batch_size=524288", f"--lr_decay_tokens={100 * 524288}"])
+    lr = [module.get_lr(step, cfg) for step in range(301)]
+    assert lr[0] == pytest.approx(1.0) and lr[50] == pytest.approx(0.55) and lr[100] == pytest.approx(0.1)
+    assert lr[100:] == [lr[100]] * 201  # flat after the decay
+    longer = module.parse_config(["--learning_rate=1.0", "--min_lr_ratio=0.1", "--warmup_steps=0",
+                                  "--max_steps=50", f"--lr_decay_tokens={100 * 524288}"])
+    assert module.get_lr(50, longer) == pytest.approx(0.55)  # a run shorter than the decay ends above the floor

@@ -50,8 +50,8 @@ def test_default_model_is_the_parents(script):
 
 OPTIONS = [(9, "--norm=rmsnorm"), (10, "--pos_emb=rotary"), (10, "--pos_emb=none"), (11, "--bias=false"),
            (11, "--activation=relu"), (11, "--activation=relu2"), (11, "--activation=silu"),
-           (11, "--activation=swiglu"), (11, "--activation=swiglu --mlp_width=unfair"), (12, "--n_kv_head=2"),
-           (12, "--n_kv_head=1"), (13, "--optimizer=muon"), (14, "--tie_embeddings=false"),
+           (11, "--activation=swiglu"), (11, "--activation=swiglu --mlp_width=unfair"), (11, "--mlp_ratio=2"), (12, "--n_kv_head=2"),
+           (12, "--n_kv_head=1"), (13, "--optimizer=muon"), (13, "--optimizer=muon --muon_update_scale=max_dim"), (14, "--tie_embeddings=false"),
            (16, "--qk_norm=rms"), (16, "--qk_norm=l2"),
            (17, "--logit_softcap=15")]
 
@@ -382,3 +382,27 @@ def test_muon_weight_decay_shrinks_muons_matrices(script):
     assert torch.allclose(after[name], before[name] * (1 - 0.1 * 0.5), atol=1e-6)
     after, before = decay_step(module, "--optimizer=muon", "--weight_decay=0")
     assert torch.equal(after[name], before[name])
+
+
+@pytest.mark.parametrize("script", scripts_from(11))
+def test_mlp_ratio_sets_the_hidden_width(script):
+    module = load_script(script)
+    narrow, cfg = build(module, "--mlp_ratio=2")
+    assert narrow.transformer.h[0].mlp.c_fc.weight.shape == (2 * cfg.n_embd, cfg.n_embd)
+    gated, _ = build(module, "--mlp_ratio=6", "--activation=swiglu")  # fair: 2/3 of 6 * 32, rounded to 64
+    assert gated.transformer.h[0].mlp.c_proj.weight.shape == (cfg.n_embd, 128)
+    with pytest.raises(SystemExit, match="--mlp_ratio=0.0 must be positive"):
+        module.parse_config(["--mlp_ratio=0"])
+
+
+@pytest.mark.parametrize("script", scripts_from(13))
+def test_muon_max_dim_scale(script):
+    """max_dim scales a square matrix's orthogonal update by sqrt(n): entries of RMS 1 instead of 1/sqrt(n)."""
+    module = load_script(script)
+    update = torch.randn(64, 64)
+    aspect = module.orthogonalize(update, 5, "aspect")
+    max_dim = module.orthogonalize(update, 5, "max_dim")
+    assert torch.allclose(max_dim, aspect * 8)
+    assert max_dim.pow(2).mean().sqrt() == pytest.approx(1.0, rel=0.2)
+    with pytest.raises(SystemExit, match="--muon_update_scale='big' is not one of"):
+        module.parse_config(["--muon_update_scale=big"])
