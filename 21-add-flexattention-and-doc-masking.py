@@ -270,7 +270,8 @@ class CausalSelfAttention(nn.Module):
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif isinstance(mask, BlockMask):  # eager flex_attention runs forward only: off CUDA, it is a reference
-            flex = compiled_flex_attention() if q.is_cuda else flex_attention
+            # inside a compiled model flex_attention is compiled with the rest; called eagerly, it needs its own
+            flex = compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
             y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
