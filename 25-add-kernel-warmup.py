@@ -50,6 +50,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -92,6 +93,7 @@ class Config:
     bias: bool = True  # biases in the linear layers and LayerNorms
     activation: str = "gelu"  # MLP non-linearity: gelu, relu, relu2 (ReLU squared), silu or swiglu
     mlp_width: str = "fair"  # swiglu only: fair = hidden 8/3 * n_embd (GELU's parameter count), unfair = 4 * n_embd
+    mlp_ratio: float = 4.0  # the MLP's hidden width in multiples of n_embd (swiglu's fair width is 2/3 of it)
     n_kv_head: int = 0  # key/value heads shared by the query heads: n_head or 0 = MHA, 1 = MQA, between = GQA
     tie_embeddings: bool = True  # one matrix embeds the tokens and scores them (false: the LM head has its own)
     qk_norm: str = "none"  # normalize queries and keys per head before attention: none, rms or l2
@@ -119,12 +121,14 @@ class Config:
     lr_decay: str = "cosine"  # shape of the cool-down: cosine or linear
     cooldown_fraction: float = 1.0  # the cool-down takes this last fraction of the steps; the peak holds before it
     min_lr: float = 0.0  # hard floor: the learning rate never goes below this value, in any phase
+    lr_decay_tokens: int = 0  # > 0: the schedule ends after this many tokens (then stays at its end rate); 0 = max_steps
     optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' 2-D matrices, AdamW for everything else)
     muon_lr: float = 0.02  # Muon's peak learning rate
     muon_momentum: float = 0.95  # Muon's momentum
     muon_nesterov: bool = True  # Muon: Nesterov momentum (the update looks ahead along the momentum)
     muon_ns_steps: int = 5  # Muon: Newton-Schulz iterations that orthogonalize each update
     muon_weight_decay: float = 0.0  # Muon: decoupled weight decay of its matrices
+    muon_update_scale: str = "aspect"  # Muon: aspect = sqrt(max(1, rows/cols)); max_dim = sqrt(max(rows, cols))
     grad_norm_type: float = 2.0  # the p of the p-norm that is measured and clipped (inf = the largest entry)
     # evaluation
     val_every: int = 250  # validate every N steps and after the last one; 0 = only after the last step
@@ -148,12 +152,14 @@ class Config:
     ckpt_every: int = 5000  # save a checkpoint every N steps and after the last one; 0 = never
     keep_last: int = 3  # keep the newest N checkpoints of the run; 0 = keep all
     resume: str = ""  # continue from this checkpoint folder, or from the newest checkpoint of this run folder
+    sample_only: bool = False  # with --resume: print samples of that checkpoint's model and exit (writes nothing)
 
 
 # Named sets of overrides, applied before the command line's own: --preset=demo --max_steps=50 works.
 PRESETS = {
     # ~7M parameters (most of them the embedding): trains on a laptop CPU in a few minutes.
-    "demo": dict(data="input.txt", block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=8,
+    # One sequence per micro-step, so that its 1,024-token batch divides over 1, 2, 4 or 8 processes.
+    "demo": dict(data="input.txt", block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=1,
                  total_batch_size=1024, max_steps=200, warmup_steps=20, learning_rate=1e-3, val_every=50,
                  val_tokens=16384, sample_every=100, sample_prompts="ROMEO:|First Citizen:"),
 }
@@ -300,6 +306,7 @@ class CausalSelfAttention(nn.Module):
             self.k_scale = nn.Parameter(torch.full((self.n_kv_head,), start))  # one per key/value head
         kv_width = self.n_kv_head * self.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)  # q, k and v in one matmul
+        self.c_attn.weight.fused_rows = (cfg.n_embd, kv_width, kv_width)  # three matrices to Muon: see Muon.step
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True  # see GPT._init_weights
 
@@ -341,11 +348,13 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.gated = cfg.activation == "swiglu"
-        hidden = 4 * cfg.n_embd
-        if self.gated and cfg.mlp_width == "fair":  # 3 matrices of n_embd x hidden = GELU's 2 of n_embd x 4n_embd
-            hidden = max(64, round(8 * cfg.n_embd / 3 / 64) * 64)
+        hidden = round(cfg.mlp_ratio * cfg.n_embd)
+        if self.gated and cfg.mlp_width == "fair":  # 3 matrices of n_embd x 2/3 hidden = GELU's 2 of n_embd x hidden
+            hidden = max(64, round(2 * hidden / 3 / 64) * 64)
         # swiglu's gate and value projections are one matmul, split in forward()
         self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * hidden, bias=cfg.bias)
+        if self.gated:
+            self.c_fc.weight.fused_rows = (hidden, hidden)  # gate and value: two matrices to Muon
         self.act = nn.SiLU() if self.gated else ACTIVATIONS[cfg.activation]
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True
@@ -464,12 +473,20 @@ def newton_schulz(G, steps):
     return X.mT if transposed else X
 
 
+def orthogonalize(update, ns_steps, scale="aspect"):
+    """Muon's step for one matrix: orthogonalized, then scaled. aspect: by sqrt(max(1, rows / cols)), so that tall
+    matrices, whose orthogonal updates have smaller entries, move as much per entry as square ones; max_dim: by
+    sqrt(max(rows, cols)), the original lineage's choice (with a muon_lr smaller by about that factor)."""
+    rows, cols = update.size(-2), update.size(-1)
+    return newton_schulz(update, ns_steps) * (max(1, rows / cols) if scale == "aspect" else max(rows, cols)) ** 0.5
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz, for 2-D weight matrices."""
 
-    def __init__(self, params, lr, momentum, nesterov, ns_steps, weight_decay):
+    def __init__(self, params, lr, momentum, nesterov, ns_steps, weight_decay, update_scale="aspect"):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, update_scale=update_scale))
 
     @torch.no_grad()
     def step(self):
@@ -480,9 +497,12 @@ class Muon(torch.optim.Optimizer):
                 buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buffer.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-                update = newton_schulz(update, group["ns_steps"])
+                # A fused projection (q, k and v in one matrix) is several matrices side by side: each is
+                # orthogonalized on its own, or the largest block's gradient would set the others' step size.
+                blocks = update.split(list(getattr(p, "fused_rows", [p.size(0)])))
+                update = torch.cat([orthogonalize(block, group["ns_steps"], group["update_scale"]) for block in blocks])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
 class Optimizers:
@@ -529,7 +549,8 @@ def configure_optimizer(model, cfg, device_type):
     if cfg.optimizer == "adamw":
         return adamw
     muon_optimizer = Muon(muon_params(model), lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                          nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
+                          nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay,
+                          update_scale=cfg.muon_update_scale)
     muon_optimizer.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.learning_rate  # follows AdamW's schedule
     return Optimizers(adamw, muon_optimizer)
 
@@ -540,17 +561,19 @@ def effective_warmup_steps(cfg):
 
 def get_lr(step, cfg):
     """Linear warmup, the peak until the cool-down starts, then a cosine or linear fall to learning_rate *
-    min_lr_ratio at max_steps; never below the hard floor min_lr."""
+    min_lr_ratio where the schedule ends (max_steps, or after lr_decay_tokens), flat after that; never below the
+    hard floor min_lr."""
     max_lr = cfg.learning_rate
     end_lr = max_lr * cfg.min_lr_ratio  # where the decay ends
     warmup = effective_warmup_steps(cfg)
-    cooldown_start = max(warmup, cfg.max_steps - round(cfg.cooldown_fraction * cfg.max_steps))
+    end = math.ceil(cfg.lr_decay_tokens / cfg.total_batch_size) if cfg.lr_decay_tokens else cfg.max_steps
+    cooldown_start = max(warmup, end - round(cfg.cooldown_fraction * end))
     if step < warmup:
         lr = max_lr * (step + 1) / warmup
-    elif step < cooldown_start or cfg.max_steps <= cooldown_start:
+    elif step < cooldown_start or end <= cooldown_start:
         lr = max_lr
     else:
-        progress = min((step - cooldown_start) / (cfg.max_steps - cooldown_start), 1.0)
+        progress = min((step - cooldown_start) / (end - cooldown_start), 1.0)
         shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1.0 - progress
         lr = end_lr + shape * (max_lr - end_lr)
     return max(lr, cfg.min_lr)
@@ -614,8 +637,16 @@ def load_text_tokens(path):
         if os.path.basename(path) != "input.txt":
             raise SystemExit(f"--data={path}: no such file")
         ensure_shakespeare(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\x93NUMPY"):
+        raise SystemExit(f"--data={path} is a .npy token shard, not a text file: pass a text file, or (from step 03 "
+                         "on) the folder that holds the shards")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SystemExit(f"--data={path} is not UTF-8 text (byte {error.start} is {raw[error.start]:#x}); convert it "
+                         "to UTF-8 (e.g. `iconv -t UTF-8`) or pass another file") from None
     return np.array(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
 
 
@@ -635,6 +666,10 @@ def load_shard(path, in_memory=False):
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise SystemExit(f"{path} holds a {tokens.ndim}-D {tokens.dtype} array; a shard must be 1-D uint16 GPT-2 "
                          "tokens (the format fineweb-npy.py writes)")
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= 50257:  # the embedding would index past GPT-2's vocabulary: fail here, not in a CUDA kernel
+        raise SystemExit(f"{path} holds token id {largest}, beyond GPT-2's 50257 tokens: it was not written by "
+                         "fineweb-npy.py with the GPT-2 tokenizer; rewrite it with fineweb-npy.py")
     return tokens
 
 
@@ -658,9 +693,10 @@ class DataLoaderLite:
     """Walks through a list of shards, B sequences of T tokens at a time. With several ranks, each step of the
     stream is world_size batches wide and rank r takes the r-th one, so together the ranks read exactly what
     one process with world_size times the accumulation would read. Shards are visited in an order shuffled
-    from (seed, epoch), so every epoch sees them in a new order and a rerun sees the same ones."""
+    from (seed, epoch), so every epoch sees them in a new order and a rerun sees the same ones; with no seed
+    (validation) in file order."""
 
-    def __init__(self, shards, B, T, rank=0, world_size=1, seed=0, prefetch=False):
+    def __init__(self, shards, B, T, rank=0, world_size=1, seed=None, prefetch=False):
         self.shards, self.B, self.T = shards, B, T
         self.rank, self.world_size, self.seed = rank, world_size, seed
         # prefetch: while a shard is in use, one thread reads the one that comes next, and the switch finds it in
@@ -693,8 +729,9 @@ class DataLoaderLite:
             self.prefetched = (upcoming, self.reader.submit(load_shard, upcoming_shard, in_memory=True))
 
     def shard_at(self, epoch, index):
-        """The index-th shard of the epoch's order, which is shuffled from (seed, epoch)."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        """The index-th shard of the epoch's order, which is shuffled from (seed, epoch) (no seed: file order)."""
+        order = np.arange(len(self.shards)) if self.seed is None else \
+            np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         return self.shards[order[index]]
 
     def following_shard(self):
@@ -735,7 +772,7 @@ def evaluate(model, val_shards, cfg, rank, world_size, device, autocast):
     means is the mean over the whole val set."""
     model.eval()
     B, T = val_shape(cfg)
-    loader = DataLoaderLite(val_shards, B, T, rank, world_size, cfg.seed)
+    loader = DataLoaderLite(val_shards, B, T, rank, world_size)  # no seed: file order
     steps = cfg.val_tokens // (B * T * world_size)
     total = torch.zeros((), device=device)
     for _ in range(steps):
@@ -791,7 +828,9 @@ def write_samples(model, step, cfg, device, autocast, log):
         with autocast:
             out = generate(model, idx, sample_length(step, cfg), cfg.temperature, cfg.top_k, generator)
         for i, row in enumerate(out.tolist()):
-            log(f"step:{step}/{cfg.max_steps} sample:{i} text:{json.dumps(encoding.decode(row))}")
+            # the text as it reads, each line behind "  | " so no log reader takes it for a key:value line
+            log(f"step:{step}/{cfg.max_steps} sample:{i}")
+            log("\n".join("  | " + line for line in encoding.decode(row).split("\n")))
     model.train()
 
 
@@ -872,9 +911,10 @@ def evaluate_hellaswag(model, examples, cfg, rank, world_size, device, autocast)
 # Checkpoints: the weights and everything else a resumed run needs
 
 
-def save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg):
-    """Write checkpoints/step_NNNNNN atomically: into a temporary folder first, renamed into place when complete.
-    Then drop all but the newest keep_last checkpoints (and temporary folders that a crash left behind)."""
+def save_checkpoint(run_dir, step, raw_model, state, cfg):
+    """Write checkpoints/step_NNNNNN atomically: into a temporary folder first, renamed into place when complete,
+    with the sha256 of each file (checked on resume). Then drop all but the newest keep_last checkpoints (and
+    temporary folders that a crash left behind)."""
     folder = os.path.join(run_dir, "checkpoints")
     final = os.path.join(folder, f"step_{step:06d}")
     os.makedirs(folder, exist_ok=True)
@@ -882,6 +922,8 @@ def save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg):
     save_model(raw_model, os.path.join(temporary, "model.safetensors"))  # the tied matrix is stored once
     torch.save(state, os.path.join(temporary, "state.pt"))
     write_json(os.path.join(temporary, "config.json"), {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
+    write_json(os.path.join(temporary, "checksums.json"), {name: sha256(os.path.join(temporary, name))
+                                                           for name in CHECKPOINT_FILES})
     if os.path.exists(final):  # saving the same step again (a resumed run): swap, then delete the old one
         os.replace(final, f"{final}.old-{os.getpid()}")
     os.replace(temporary, final)
@@ -890,6 +932,48 @@ def save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg):
     for name in (complete[:-cfg.keep_last] if cfg.keep_last else []) + stale:
         shutil.rmtree(os.path.join(folder, name))
     return final
+
+
+CHECKPOINT_FILES = ("model.safetensors", "state.pt", "config.json")
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(folder):
+    """Refuse a checkpoint whose files do not match the checksums written with them: a truncated copy or a
+    flipped byte must stop the run, not be trained on."""
+    try:
+        with open(os.path.join(folder, "checksums.json"), encoding="utf-8") as f:
+            expected = json.load(f)
+    except (OSError, ValueError):
+        raise SystemExit(f"{folder} has no readable checksums.json: it is not a complete checkpoint; resume from "
+                         "another one (each run folder keeps its newest ones in checkpoints/)") from None
+    for name in CHECKPOINT_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path) or sha256(path) != expected.get(name):
+            raise SystemExit(f"{path} is missing or does not match its checksum (the file is damaged or was "
+                             "changed); resume from another checkpoint of the run")
+
+
+def load_optimizer_state(optimizer, state):
+    """The checkpoint's optimizer state (moments, step counts) under this run's hyperparameters: load_state_dict()
+    alone would bring back the learning rates, betas and weight decay the checkpoint was saved with, while the
+    log reported the new values."""
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
+
+
+def changed_fields(saved, cfg):
+    """The fields where a checkpoint's config (saved) and this run's differ."""
+    return [name for name, value in saved.items() if name != "resume" and getattr(cfg, name, value) != value]
 
 
 def find_checkpoint(path):
@@ -903,6 +987,54 @@ def find_checkpoint(path):
         raise SystemExit(f"--resume={path}: no checkpoint there (a checkpoint folder holds model.safetensors and "
                          "state.pt; a run folder holds checkpoints/step_NNNNNN)")
     return os.path.join(folder, steps[-1])
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (what a pre-empted cloud machine gets) sets a flag that the training loop reads
+    once per step: the step finishes, a checkpoint is saved, and the run exits cleanly. A second Ctrl-C stops at
+    once."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.received == signal.Signals(signum).name == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def requested(self, world_size, device):
+        """Whether any rank got a signal: all ranks then stop at the same step."""
+        if world_size == 1:
+            return self.received is not None
+        flag = torch.tensor(float(self.received is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def sample_from_checkpoint(cfg):
+    """--sample_only: the checkpoint's model (built from the config saved with it) continues --sample_prompts.
+    Reads no training data, writes nothing; on the best device there is, or --device."""
+    checkpoint = find_checkpoint(cfg.resume)
+    verify_checkpoint(checkpoint)
+    with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    fields = {field.name for field in dataclasses.fields(Config)}
+    model_cfg = Config(**{name: value for name, value in saved.items() if name in fields})
+    device = pick_device(cfg.device)
+    model = GPT(model_cfg).to(device)
+    load_model(model, os.path.join(checkpoint, "model.safetensors"), device=str(device))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    step = int(os.path.basename(checkpoint).removeprefix("step_")) if os.path.basename(checkpoint).startswith(
+        "step_") else 0
+    # the longest samples: sample_length() grows them with training progress, and this model is trained
+    write_samples(model, step, dataclasses.replace(cfg, sample_min_tokens=cfg.sample_max_tokens), device, autocast,
+                  print)
+    return {"model": model, "checkpoint": checkpoint}
 
 
 def rng_state(device):
@@ -920,29 +1052,46 @@ def set_rng_state(state, device):
 
 
 class RunLog:
-    """Prints a line and appends it to the run's log.txt, so the log holds everything the run printed.
-    Only rank 0 logs (the others get path=None and enabled=False)."""
+    """Prints a line and appends it to the run's log.txt, so the log holds everything the run printed. The lines
+    logged before start() are held in memory: the run folder is made only once the run has passed its checks,
+    so a launch that fails leaves no folder behind. Only rank 0 logs (the others get path=None, enabled=False)."""
 
     def __init__(self, path, enabled=True):
         self.path, self.enabled = path, enabled
+        self.pending = []  # lines logged before start(); None after
+
+    def start(self, cfg):
+        """Make the run folder and write config.json (the resolved config) and the lines logged so far."""
+        lines, self.pending = self.pending, None
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_json(os.path.join(os.path.dirname(self.path), "config.json"),
+                   {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
 
     def __call__(self, line):
         if not self.enabled:
             return
         print(line, flush=True)
-        if self.path:
+        if self.pending is not None:
+            self.pending.append(line)
+        elif self.path:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
 
 
-def make_run_dir(cfg):
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S")
+def choose_run_dir(cfg):
+    """out_dir/run_name, or out_dir/<start time> when run_name is empty; RunLog.start() makes it."""
+    if cfg.run_name:
+        return os.path.join(cfg.out_dir, cfg.run_name)  # check_config() refused one that exists
+    name = time.strftime("%Y%m%d-%H%M%S")
     run_dir = os.path.join(cfg.out_dir, name)
     suffix = 1
-    while os.path.exists(run_dir) and not cfg.run_name:  # two runs started in the same second
+    while os.path.exists(run_dir):  # two runs started in the same second
         suffix += 1
         run_dir = os.path.join(cfg.out_dir, f"{name}-{suffix}")
-    os.makedirs(run_dir, exist_ok=True)
     return run_dir
 
 
@@ -989,6 +1138,22 @@ def pick_device(requested):
     return torch.device("cpu")
 
 
+def peak_bf16_flops(device):
+    """The card's dense bf16 peak from its datasheet, for MFU (model FLOPs utilization); None if unknown."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for card, flops in (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)):
+        if card in name:
+            return flops
+    return None
+
+
+def duration(seconds):
+    """12345.6 -> '3h25m46s', for the ETA."""
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -1004,7 +1169,8 @@ class ConfigError(SystemExit):
     """A bad setting: exits with a message that names the field and the fix."""
 
     def __init__(self, message):
-        super().__init__(f"config error: {message}")
+        # Under torchrun every rank checks the config: rank 0 says what is wrong, the others exit quietly.
+        super().__init__(f"config error: {message}" if os.environ.get("RANK", "0") == "0" else 2)
 
 
 def field_comments():
@@ -1087,11 +1253,15 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--activation={cfg.activation!r} is not one of: {', '.join(ACTIVATIONS)}, swiglu")
     if cfg.mlp_width not in ("fair", "unfair"):
         raise ConfigError(f"--mlp_width={cfg.mlp_width!r} is not one of: fair, unfair")
+    if not cfg.mlp_ratio > 0:
+        raise ConfigError(f"--mlp_ratio={cfg.mlp_ratio} must be positive (4 = GPT-2's MLP)")
     if cfg.n_kv_head < 0 or (cfg.n_kv_head and cfg.n_head % cfg.n_kv_head):
         raise ConfigError(f"--n_head={cfg.n_head} is not divisible by --n_kv_head={cfg.n_kv_head}; pick n_kv_head "
                           "among the divisors of n_head (n_head = MHA, 1 = MQA), or 0 for n_head")
     if cfg.optimizer not in ("adamw", "muon"):
         raise ConfigError(f"--optimizer={cfg.optimizer!r} is not one of: adamw, muon")
+    if cfg.muon_update_scale not in ("aspect", "max_dim"):
+        raise ConfigError(f"--muon_update_scale={cfg.muon_update_scale!r} is not one of: aspect, max_dim")
     if cfg.muon_lr <= 0 or not 0 <= cfg.muon_momentum < 1 or cfg.muon_ns_steps < 1 or cfg.muon_weight_decay < 0:
         raise ConfigError("--muon_lr must be > 0, --muon_momentum in [0, 1), --muon_ns_steps >= 1 and "
                           "--muon_weight_decay >= 0")
@@ -1117,8 +1287,9 @@ def check_config(cfg, world_size=1):
                           "pick n_embd a multiple of n_head")
     if cfg.warmup_steps < 0 or cfg.learning_rate <= 0 or not 0 <= cfg.min_lr_ratio <= 1:
         raise ConfigError("--warmup_steps must be >= 0, --learning_rate > 0 and --min_lr_ratio in [0, 1]")
-    if cfg.warmup_tokens < 0 or cfg.min_lr < 0 or not 0 <= cfg.cooldown_fraction <= 1:
-        raise ConfigError("--warmup_tokens and --min_lr must be >= 0 and --cooldown_fraction in [0, 1]")
+    if cfg.warmup_tokens < 0 or cfg.min_lr < 0 or cfg.lr_decay_tokens < 0 or not 0 <= cfg.cooldown_fraction <= 1:
+        raise ConfigError("--warmup_tokens, --min_lr and --lr_decay_tokens must be >= 0 and --cooldown_fraction in "
+                          "[0, 1]")
     if cfg.lr_decay not in ("cosine", "linear"):
         raise ConfigError(f"--lr_decay={cfg.lr_decay!r} is not one of: cosine, linear")
     if not 0 < cfg.val_fraction < 1:
@@ -1132,6 +1303,15 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--weight_decay={cfg.weight_decay} must be >= 0")
     if cfg.device not in ("", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"--device={cfg.device!r} is not one of cuda, mps, cpu (or empty for automatic)")
+    if cfg.run_name and not cfg.resume and os.path.exists(os.path.join(cfg.out_dir, cfg.run_name)):
+        raise ConfigError(f"--run_name={cfg.run_name}: {os.path.join(cfg.out_dir, cfg.run_name)} exists already (its "
+                          "log belongs to another run); pick another name, or continue that run with --resume")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={cfg.device}, but torch sees no CUDA GPU here; use --device=cpu, or leave "
+                          "--device empty for the best device there is")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device=mps, but this machine has no Apple MPS device; use --device=cpu, or leave "
+                          "--device empty for the best device there is")
     tokens_per_micro_step = cfg.batch_size * cfg.block_size * world_size
     if cfg.total_batch_size % tokens_per_micro_step:
         raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * "
@@ -1143,13 +1323,16 @@ def check_config(cfg, world_size=1):
                           "--sample_max_tokens")
     if cfg.temperature < 0 or cfg.top_k < 0:
         raise ConfigError(f"--temperature={cfg.temperature} and --top_k={cfg.top_k} must be >= 0")
-    if cfg.sample_every and not cfg.sample_prompts.strip("|"):
-        raise ConfigError("--sample_prompts is empty; give at least one prompt or set --sample_every=0")
+    if cfg.sample_every and not all(prompt.strip() for prompt in cfg.sample_prompts.split("|")):
+        raise ConfigError(f"--sample_prompts={cfg.sample_prompts!r} holds an empty prompt; give prompts separated "
+                          "by single '|', or set --sample_every=0")
     if cfg.ckpt_every < 0 or cfg.keep_last < 0:
         raise ConfigError(f"--ckpt_every={cfg.ckpt_every} and --keep_last={cfg.keep_last} must be >= 0")
     if cfg.resume and not os.path.isdir(cfg.resume):
         raise ConfigError(f"--resume={cfg.resume!r} is not a folder; give a checkpoint folder "
                           "(run/checkpoints/step_NNNNNN) or a run folder")
+    if cfg.sample_only and not cfg.resume:
+        raise ConfigError("--sample_only needs --resume=FOLDER: the checkpoint (or run folder) to sample from")
     if cfg.hellaswag_every < 0 or cfg.hellaswag_examples < 0:
         raise ConfigError("--hellaswag_every and --hellaswag_examples must be >= 0")
     if cfg.hellaswag_mode not in ("standard", "one-shot"):
@@ -1204,6 +1387,8 @@ def warm_up_kernels(model, raw_model, optimizer, train_loader, val_shards, cfg, 
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    if cfg.sample_only:
+        return sample_from_checkpoint(cfg)
     rank, _, world_size, device = setup_distributed(cfg.device)
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same seed on every rank: identical initial models
@@ -1211,6 +1396,8 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+    if checkpoint:
+        verify_checkpoint(checkpoint)
     resumed = torch.load(os.path.join(checkpoint, "state.pt"), map_location="cpu", weights_only=True) \
         if checkpoint else None
     if resumed and resumed["world_size"] != world_size:
@@ -1223,10 +1410,8 @@ def main(argv=None):
     if checkpoint and os.path.basename(os.path.dirname(checkpoint)) == "checkpoints":
         run_dir = os.path.dirname(os.path.dirname(checkpoint)) if master else None  # the run goes on in its folder
     else:
-        run_dir = make_run_dir(cfg) if master else None
+        run_dir = choose_run_dir(cfg) if master else None
     log = RunLog(os.path.join(run_dir, "log.txt") if master else None, enabled=master)
-    if master:
-        write_json(os.path.join(run_dir, "config.json"), {**dataclasses.asdict(cfg), "script": os.path.basename(__file__)})
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     log(f"script:{os.path.basename(__file__)}")
     log(f"run_dir:{run_dir}")
@@ -1255,6 +1440,9 @@ def main(argv=None):
     grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.block_size * world_size)
     log(f"model_params:{sum(p.numel() for p in raw_model.parameters())} grad_accum_steps:{grad_accum_steps} "
         f"tokens_per_step:{cfg.total_batch_size}")
+    # The matmul FLOPs of one token's forward and backward: 6 per parameter, plus attention's scores and mixing.
+    flops_per_token = 6 * sum(p.numel() for p in raw_model.parameters()) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    peak_flops = peak_bf16_flops(device)
 
     losses, val_losses = [], []
     train_time = 0.0
@@ -1262,30 +1450,43 @@ def main(argv=None):
     # Validation costs time that a speedrun wants to spend training: with a target, the scheduled validations
     # start only once the train loss is close enough (a noisy but free estimate), and stay on from then.
     near_target = not cfg.val_target
-    if resumed:
-        load_model(raw_model, os.path.join(checkpoint, "model.safetensors"), device=str(device))
-        optimizer.load_state_dict(resumed["optimizer"])
-        train_loader.load_state_dict(resumed["loader"][rank])
-        set_rng_state(resumed["rng"][rank], device)
+    if resumed:  # restored before the run folder is touched: a resume that does not fit leaves it as it was
         start_step, train_time = resumed["step"], resumed["train_time"]
         near_target = near_target or resumed["near_target"]
         if start_step > cfg.max_steps:
             raise SystemExit(f"--resume={cfg.resume} is at step {start_step}, past --max_steps={cfg.max_steps}")
-        changed = [k for k, v in resumed["config"].items() if getattr(cfg, k, v) != v and k not in ("resume",)]
+        changed = changed_fields(resumed["config"], cfg)
+        try:
+            load_model(raw_model, os.path.join(checkpoint, "model.safetensors"), device=str(device))
+            load_optimizer_state(optimizer, resumed["optimizer"])
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError):
+            raise SystemExit(f"--resume={cfg.resume}: the checkpoint's model or optimizer does not fit this config; "
+                             "it differs in " + "; ".join(f"{name}: checkpoint {resumed['config'][name]}, config "
+                                                          f"{getattr(cfg, name)}" for name in changed)) from None
+        train_loader.load_state_dict(resumed["loader"][rank])
+        set_rng_state(resumed["rng"][rank], device)
         log(f"resumed from:{checkpoint} at_step:{start_step} changed_fields:{','.join(changed) or 'none'}")
     if cfg.kernel_warmup_steps:
         t0 = time.perf_counter()
         warm_up_kernels(model, raw_model, optimizer, train_loader, val_shards, cfg, rank, world_size, device, autocast)
         log(f"kernel_warmup_steps:{cfg.kernel_warmup_steps} warmup_time:{(time.perf_counter() - t0) * 1000:.0f}ms")
+    log.start(cfg)  # every check has passed: make (or continue) the run folder
+    stop = StopSignal()
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
-        if cfg.ckpt_every > 0 and step > start_step and (last_step or step % cfg.ckpt_every == 0):
+        stopping = stop.requested(world_size, device)
+        if step > start_step and cfg.ckpt_every > 0 and (stopping or last_step or step % cfg.ckpt_every == 0):
             state = {"step": step, "train_time": train_time, "optimizer": optimizer.state_dict(),
                      "loader": gather(train_loader.state_dict(), world_size), "rng": gather(rng_state(device), world_size),
                      "world_size": world_size, "config": dataclasses.asdict(cfg), "near_target": near_target}
             if master:
-                log(f"checkpoint:{save_checkpoint(run_dir, step, raw_model, optimizer, state, cfg)}")
+                log(f"checkpoint:{save_checkpoint(run_dir, step, raw_model, state, cfg)}")
+        if stopping:
+            saved = f"continue with --resume={run_dir}" if cfg.ckpt_every > 0 else "no checkpoint: --ckpt_every=0"
+            log(f"stopped by {stop.received or 'another rank'} after step {step}; {saved}")
+            break
         if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0 and near_target):
+            # the training model (compiled, DDP): validation batches have training's shapes, nothing recompiles
             val_loss = evaluate(model, val_shards, cfg, rank, world_size, device, autocast)
             val_losses.append((step, val_loss))
             log(f"step:{step}/{cfg.max_steps} val_loss:{val_loss:.6f} val_ppl:{math.exp(min(val_loss, 80)):.2f} "
@@ -1295,10 +1496,13 @@ def main(argv=None):
                     f"train_time:{train_time * 1000:.0f}ms")
                 last_step = True  # HellaSwag and samples run as after the last step, then the run ends
         if cfg.hellaswag_every > 0 and (last_step or step % cfg.hellaswag_every == 0):
+            # raw_model: examples of every length (compile would recompile), a different count on each rank
             correct, total = evaluate_hellaswag(raw_model, hellaswag, cfg, rank, world_size, device, autocast)
             log(f"step:{step}/{cfg.max_steps} hellaswag_acc:{correct / total:.4f} hellaswag_correct:{correct} "
                 f"hellaswag_total:{total} mode:{cfg.hellaswag_mode}")
         if master and cfg.sample_every > 0 and (last_step or step % cfg.sample_every == 0):
+            # raw_model: a sample grows a token per forward (new shapes that torch.compile would recompile
+            # for), and only rank 0 samples while a DDP forward expects every rank
             write_samples(raw_model, step, cfg, device, autocast, log)
         if last_step:
             break
@@ -1332,13 +1536,19 @@ def main(argv=None):
         train_time += dt
         losses.append(loss_accum.item())
         near_target = near_target or losses[-1] + cfg.val_target_margin <= cfg.val_target
+        eta = duration(train_time / (step + 1) * (cfg.max_steps - step - 1))
+        mfu = f" mfu:{flops_per_token * cfg.total_batch_size / dt / (peak_flops * world_size):.1%}" if peak_flops else ""
         log(f"step:{step + 1}/{cfg.max_steps} loss:{losses[-1]:.6f} lr:{lr:.4e} grad_norm:{grad_norm.item():.4f} "
             f"dt:{dt * 1000:.1f}ms tok/s:{cfg.total_batch_size / dt:.0f} tokens:{(step + 1) * cfg.total_batch_size} "
-            f"train_time:{train_time * 1000:.0f}ms")
+            f"train_time:{train_time * 1000:.0f}ms eta:{eta}{mfu}")
+        if not math.isfinite(losses[-1]):
+            log(f"stopped: the loss is {losses[-1]} at step {step + 1}; training diverged")
+            raise SystemExit(f"the loss became {losses[-1]} at step {step + 1}: training diverged. Lower "
+                             "--learning_rate (or lengthen --warmup_steps) and start again")
 
-    peak_mem = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
-    log(f"done steps:{step} tokens:{step * cfg.total_batch_size} "
-        f"train_time:{train_time * 1000:.0f}ms peak_mem:{peak_mem}MiB")
+    peak_mem = f" peak_mem:{torch.cuda.max_memory_allocated(device) // 2**20}MiB" if device.type == "cuda" else ""
+    stop.restore()
+    log(f"done steps:{step} tokens:{step * cfg.total_batch_size} train_time:{train_time * 1000:.0f}ms{peak_mem}")
     if dist.is_initialized():  # torchrun with one process joins a group too
         dist.barrier()  # rank 0 may still be writing: leave together, or a rank can be torn down mid-exit
         dist.destroy_process_group()
