@@ -191,7 +191,7 @@ def test_runner_summary_of_a_real_run(corpus, tiny_run):
     assert (s["max_steps"], s["steps"], s["tokens_trained"]) == (6, 6, 768)  # ceil(700 / 128) whole steps
     if script_number(LINEAGE) >= 3:
         assert s["config"]["data"] == str(corpus / "npy")  # make_corpus.py's shard folder
-    assert s["card"] == "cpu" and s["matmul_tflops"] is None and s["mfu"] is None and s["peak_mem_mib"] == 0
+    assert s["card"] == "cpu" and s["matmul_tflops"] is None and s["mfu"] is None and s["peak_mem_mib"] is None  # logged on CUDA only
     assert s["steady_tokens_per_s"] > 0 and s["compile_warmup_s"] is not None and s["flops_per_token"] > 0
     assert s["model_params"] > 0 and s["final_train_loss"] > 0 and s["wall_s"] > 0
     assert s["final_val_loss"] is None and s["val"] == []  # steps before 04 have no validation
@@ -213,7 +213,7 @@ def test_runner_appends_one_result_line(corpus, tiny_run):
         ("tiny", "base", "custom", 700, 768)
     assert (line["card"], line["script"], line["overrides"], line["corpus_sha256"]) == ("cpu", LINEAGE, TINY, sha256)
     assert line["tokens_per_s"] == s["steady_tokens_per_s"] and line["train_s"] == s["train_time_ex_compile_s"]
-    assert line["compile_warmup_s"] == s["compile_warmup_s"] and line["peak_mem_mib"] == 0
+    assert line["compile_warmup_s"] == s["compile_warmup_s"] and line["peak_mem_mib"] is None
     assert [p["target"] for p in line["val_at_quarters"]] == [175, 350, 525, 700]
 
 
