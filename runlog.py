@@ -11,8 +11,8 @@ A run prints every line into its log. The lines this module reads are space-sepa
     done steps:50 tokens:26214400 train_time:96300ms peak_mem:64098MiB
 
 Lines are read by key: keys a later script adds (eta:, mfu:, ...) are kept, and lines that are not run output
-(the script's source, a traceback, a sample's free text) are skipped. A line that starts with whitespace is never
-run output.
+(the script's source, a traceback, a sample's free text) are skipped. A line that does not start with a letter
+(whitespace, "| ", "======") is never run output.
 """
 import math
 import re
@@ -30,7 +30,10 @@ KIND_OF = {"loss": "train", "val_loss": "val", "hellaswag_acc": "hellaswag", "sa
 
 def parse_pairs(line):
     """'step:3/10 loss:6.1 gpu:NVIDIA H100' -> {'step': '3/10', 'loss': '6.1', 'gpu': 'NVIDIA H100'} (strings).
-    Words before the first key are dropped."""
+    Words before the first key are dropped. A line that does not start with a letter is not run output ({}): an
+    indented sample text or traceback, or a run record's "| " source lines and "======" markers (step 29)."""
+    if not line[:1].isalpha():
+        return {}
     pairs, key = {}, None
     for word in line.split():
         match = KEY.match(word)
