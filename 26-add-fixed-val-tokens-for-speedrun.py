@@ -1282,7 +1282,7 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--norm={cfg.norm!r} is not one of: layernorm, rmsnorm")
     if cfg.pos_emb not in ("absolute", "rotary", "none"):
         raise ConfigError(f"--pos_emb={cfg.pos_emb!r} is not one of: absolute, rotary, none")
-    if cfg.pos_emb == "rotary" and (cfg.n_embd // max(cfg.n_head, 1)) % 2:
+    if cfg.pos_emb == "rotary" and not cfg.n_embd % max(cfg.n_head, 1) and (cfg.n_embd // max(cfg.n_head, 1)) % 2:
         raise ConfigError(f"--pos_emb=rotary needs an even head size, but n_embd / n_head = "
                           f"{cfg.n_embd // cfg.n_head}; change --n_embd or --n_head")
     if cfg.activation not in ACTIVATIONS and cfg.activation != "swiglu":

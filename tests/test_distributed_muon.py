@@ -43,7 +43,7 @@ def muon_steps(module, *options):
 
 def worker(rank, world_size, store, out, script):
     """One rank of a gloo group: distributed Muon's matrices and blocks, saved to out/<rank>.pt."""
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's thread pool (as DataLoader's workers)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     params, blocks = muon_steps(load_script(script), "--muon_distributed=true")
     torch.save({"params": params, "blocks": blocks}, os.path.join(out, f"{rank}.pt"))
@@ -61,9 +61,9 @@ def test_distributed_muon_updates_equal_one_process(script, tmp_path):
     for world_size in (2, 3):
         out = tmp_path / str(world_size)
         out.mkdir()
-        # fork: the children start at once, with torch already imported (spawn or torchrun take seconds each)
+        # spawn, not fork: a fork of the test process (threads of earlier tests included) can deadlock
         torch.multiprocessing.start_processes(worker, args=(world_size, str(out / "store"), str(out), script),
-                                              nprocs=world_size, start_method="fork")
+                                              nprocs=world_size, start_method="spawn")
         results = [torch.load(out / f"{rank}.pt") for rank in range(world_size)]
         for rank, result in enumerate(results):  # every rank holds exactly one process's matrices ...
             assert all(torch.equal(a, b) for a, b in zip(result["params"], single)), f"{world_size}: rank {rank}"
