@@ -818,10 +818,13 @@ class StopSignal:
     once."""
 
     def __init__(self):
-        self.received = None
+        self.received, self.pid = None, os.getpid()
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a process forked from this one (a worker pool) must die of it, as usual
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         if self.received == signal.Signals(signum).name == "SIGINT":
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
@@ -1301,6 +1304,7 @@ def main(argv=None):
             f"dt:{dt * 1000:.1f}ms tok/s:{cfg.total_batch_size / dt:.0f} tokens:{(step + 1) * cfg.total_batch_size} "
             f"train_time:{train_time * 1000:.0f}ms eta:{eta}{mfu}")
         if not math.isfinite(losses[-1]):
+            stop.restore()
             log(f"stopped: the loss is {losses[-1]} at step {step + 1}; training diverged")
             raise SystemExit(f"the loss became {losses[-1]} at step {step + 1}: training diverged. Lower "
                              "--learning_rate (or lengthen --warmup_steps) and start again")

@@ -3,6 +3,7 @@ import dataclasses
 import glob
 import importlib.util
 import os
+import signal
 import socket
 import sys
 
@@ -59,6 +60,16 @@ def shakespeare():
         if os.path.exists(path):
             return path
     pytest.fail("tiny Shakespeare not found: put input.txt in ../shared/data/ or the repo root")
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A run that a test ends with an exception leaves its Ctrl-C/SIGTERM handlers (step 06 on) installed: put
+    Python's back, so a later test's worker processes still die of SIGTERM."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture(autouse=True)

@@ -197,3 +197,23 @@ def test_sample_only_talks_to_a_checkpoint_without_data_or_writing(script, shake
     assert sorted(os.walk(tmp_path)) == before  # nothing written, the run's log untouched
     with pytest.raises(SystemExit, match="--sample_only needs --resume"):
         module.parse_config(["--sample_only=true"])
+
+
+@pytest.mark.parametrize("script", scripts_from(6))
+def test_a_process_forked_during_a_run_still_dies_of_sigterm(script):
+    """Worker pools forked while the handlers are installed must not inherit 'finish the step first'."""
+    import signal
+    import time
+    module = load_script(script)
+    stop = module.StopSignal()
+    try:
+        child = os.fork()
+        if child == 0:
+            time.sleep(20)
+            os._exit(0)
+        time.sleep(0.2)
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    finally:
+        stop.restore()
