@@ -1,6 +1,6 @@
 """Step 30 of the lineage: GPT-3 small with a training config resolved for the world size, and a window ramp or not.
 Parent: 29-add-self-logging-run-record.py
-By design this step changes the defaults, to the original lineage's 5.66-min recipe (12 x 768, RMSNorm, RoPE, QK
+By design step 30 changes the defaults, to the original lineage's 5.66-min recipe (12 x 768, RMSNorm, RoPE, QK
 norm, ReLU^2, Muon, FlexAttention with a 128 -> 1,024 window ramp, 262,144 tokens per step, val target 3.28).
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of

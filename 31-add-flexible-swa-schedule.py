@@ -1,7 +1,8 @@
 """Step 31 of the lineage: add a flexible window schedule: w <- w + m*w + n*128 and s <- s + m*s + n every s steps.
 Parent: 30-gpt-3-small-with-training-config-and-with-or-without-swa-window-size-ramp.py
-By design this step changes the defaults again, to the original lineage's 4.87-min recipe: 8 layers x 1024 (16 heads),
-ReLU^2 MLP 2x, cosine over 600M tokens, wd 0.01, val margin 0.075, the window 128 then +128 every 200 steps to 2,048.
+By design step 30 changes the defaults, to the original lineage's 5.66-min recipe (12 x 768, RMSNorm, RoPE, QK
+norm, ReLU^2, Muon, FlexAttention with a 128 -> 1,024 window ramp, 262,144 tokens per step, val target 3.28).
+Step 31 changes them again, to its 4.87-min recipe: 8 x 1024, MLP 2x, cosine over 600M tokens, window 128 -> 2,048.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
