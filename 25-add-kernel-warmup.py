@@ -87,6 +87,7 @@ class Config:
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # width of the residual stream
+    residual_scaling: str = "init"  # 1/sqrt(2 * n_layer) on the blocks' outputs: init (in their start) or forward
     norm: str = "layernorm"  # layernorm (mean and variance, gain and bias) or rmsnorm (root mean square, gain)
     pos_emb: str = "absolute"  # absolute (a learned vector per position), rotary (RoPE) or none
     rope_base: float = 10000.0  # rotary only: the base of the rotation frequencies
@@ -373,10 +374,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
+        # residual_scaling=forward: both branches' outputs are multiplied by 1/sqrt(2 * n_layer) at every step (see
+        # GPT._init_weights); init: by 1, and the same scale is in the output projections' starting weights
+        self.branch_scale = (2 * cfg.n_layer) ** -0.5 if cfg.residual_scaling == "forward" else 1.0
 
     def forward(self, x, mask=None):
-        x = x + self.attn(self.ln_1(x), mask)  # pre-norm: the residual stream itself is never normalized
-        x = x + self.mlp(self.ln_2(x))
+        # pre-norm: the residual stream itself is never normalized
+        x = x + self.branch_scale * self.attn(self.ln_1(x), mask)
+        x = x + self.branch_scale * self.mlp(self.ln_2(x))
         return x
 
 
@@ -403,9 +408,11 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             std = 0.02
-            if getattr(module, "residual_projection", False):
+            if getattr(module, "residual_projection", False) and self.cfg.residual_scaling == "init":
                 # Each block adds two projections to the residual stream; scaling them keeps its variance
-                # from growing with depth (GPT-2 paper, section 2.3).
+                # from growing with depth (GPT-2 paper, section 2.3). residual_scaling=forward scales their outputs
+                # instead (Block): the same model at the start, but an optimizer step of a given size (Adam's,
+                # Muon's) then moves each output projection's effect 1/sqrt(2 * n_layer) as far.
                 std *= (2 * self.cfg.n_layer) ** -0.5
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -1304,6 +1311,8 @@ def check_config(cfg, world_size=1):
                           "(the gradient norm is still measured and logged)")
     if cfg.weight_decay < 0:
         raise ConfigError(f"--weight_decay={cfg.weight_decay} must be >= 0")
+    if cfg.residual_scaling not in ("init", "forward"):
+        raise ConfigError(f"--residual_scaling={cfg.residual_scaling!r} is not one of: init, forward")
     if cfg.device not in ("", "cuda", "mps", "cpu") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"--device={cfg.device!r} is not one of cuda, mps, cpu (or empty for automatic)")
     if cfg.run_name and not cfg.resume and os.path.exists(os.path.join(cfg.out_dir, cfg.run_name)):

@@ -1,4 +1,4 @@
-"""Model and optimizer options, steps 09-17: each option changes what it claims, its default is the parent's
+"""Model and optimizer options, steps 01 and 09-17: each option changes what it claims, its default is the parent's
 model exactly, and every script that has the option is tested (so later steps cannot silently break it)."""
 import functools
 import math
@@ -52,7 +52,7 @@ def test_default_model_is_the_parents(script):
     assert torch.equal(child_model(x), parent_model(x))
 
 
-OPTIONS = [(9, "--norm=rmsnorm"), (10, "--pos_emb=rotary"), (10, "--pos_emb=none"), (11, "--bias=false"),
+OPTIONS = [(1, "--residual_scaling=forward"), (9, "--norm=rmsnorm"), (10, "--pos_emb=rotary"), (10, "--pos_emb=none"), (11, "--bias=false"),
            (11, "--activation=relu"), (11, "--activation=relu2"), (11, "--activation=silu"),
            (11, "--activation=swiglu"), (11, "--activation=swiglu --mlp_width=unfair"), (11, "--mlp_ratio=2"), (12, "--n_kv_head=2"),
            (12, "--n_kv_head=1"), (13, "--optimizer=muon"), (13, "--optimizer=muon --muon_update_scale=max_dim"), (14, "--tie_embeddings=false"),
@@ -410,3 +410,34 @@ def test_muon_max_dim_scale(script):
     assert max_dim.pow(2).mean().sqrt() == pytest.approx(1.0, rel=0.2)
     with pytest.raises(SystemExit, match="--muon_update_scale='big' is not one of"):
         module.parse_config(["--muon_update_scale=big"])
+
+
+@pytest.mark.parametrize("script", scripts_from(1))
+def test_residual_scaling_forward_is_the_same_model_with_smaller_steps(script):
+    """forward starts as the same function as init (the output projections are 1/sqrt(2 * n_layer) larger and
+    their outputs that much smaller), but one Adam step, which moves every weight by about the learning rate
+    whatever its gradient's size, moves the output projections' effect 1/sqrt(2 * n_layer) as far."""
+    module = load_script(script)
+    scale = (2 * 2) ** -0.5  # SMALL has 2 layers
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for name in ("init", "forward"):
+        model, cfg = build(module, f"--residual_scaling={name}", "--weight_decay=0")
+        logits = model(x).detach()
+        projection = model.transformer.h[0].mlp.c_proj
+        effect = lambda: projection.weight.detach().clone() * (scale if name == "forward" else 1.0)
+        before = effect()
+        optimizer = module.configure_optimizer(model, cfg, "cpu")
+        model(x, torch.roll(x, -1, dims=1)).backward()
+        optimizer.step()
+        runs[name] = logits, before, effect() - before
+    torch.testing.assert_close(runs["forward"][0], runs["init"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs["forward"][1], runs["init"][1])
+    moved_init, moved_forward = runs["init"][2].abs().mean(), runs["forward"][2].abs().mean()
+    assert moved_forward == pytest.approx(scale * moved_init, rel=0.02)
+
+
+@pytest.mark.parametrize("script", scripts_from(1))
+def test_unknown_residual_scaling_is_refused(script):
+    with pytest.raises(SystemExit, match="--residual_scaling='both' is not one of: init, forward"):
+        load_script(script).parse_config(["--residual_scaling=both"])
