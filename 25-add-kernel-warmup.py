@@ -103,6 +103,7 @@ class Config:
     attention: str = "sdpa"  # sdpa (fused attention, causal) or flex (FlexAttention with a block mask, compiled on CUDA)
     doc_masking: bool = False  # attend only within a document (each starts with <|endoftext|>, token 50256)
     window: int = 0  # sliding window: a query attends to at most this many latest keys, itself included; 0 = off
+    window_unit: str = "token"  # token, or block: whole 128-token blocks, the query's own and window/128 - 1 before
     attn_softcap: float = 0.0  # > 0: attention scores s become attn_softcap * tanh(s / attn_softcap); 0 = off
     attn_softcap_backend: str = "exact"  # the cap's tanh: exact, clamp (a hard cap at +-attn_softcap) or rational
     causal: bool = True  # false: each query attends to every key of its sequence, later ones too (an encoder)
@@ -232,6 +233,8 @@ def mask_function(cfg, idx, window):
         rules.append(same_document)
     if cfg.window:
         def within_window(b, h, q_idx, kv_idx):
+            if cfg.window_unit == "block":  # the distance between the two tokens' blocks (FlexAttention's tiles)
+                q_idx, kv_idx = q_idx // FLEX_BLOCK_SIZE * FLEX_BLOCK_SIZE, kv_idx // FLEX_BLOCK_SIZE * FLEX_BLOCK_SIZE
             # on both sides when not causal; window is a tensor, read at run time: a new width compiles nothing new
             return (q_idx - kv_idx).abs() < window
         rules.append(within_window)
@@ -1285,6 +1288,8 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--attention={cfg.attention!r} is not one of: sdpa, flex")
     if cfg.window < 0:
         raise ConfigError(f"--window={cfg.window} must be >= 0 (0 = full causal attention)")
+    if cfg.window_unit not in ("token", "block"):
+        raise ConfigError(f"--window_unit={cfg.window_unit!r} is not one of: token, block")
     if cfg.attn_softcap < 0:
         raise ConfigError(f"--attn_softcap={cfg.attn_softcap} must be >= 0 (0 = off)")
     if cfg.attn_softcap_backend not in ("exact", "clamp", "rational"):

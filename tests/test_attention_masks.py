@@ -112,7 +112,8 @@ def test_unknown_attention_is_refused(script):
 
 
 @pytest.mark.parametrize("script", scripts_from(22))
-@pytest.mark.parametrize("options", [["--window=100"], ["--window=100", "--doc_masking=true"], ["--window=1"]])
+@pytest.mark.parametrize("options", [["--window=100"], ["--window=100", "--doc_masking=true"], ["--window=1"],
+                                     ["--window=128", "--window_unit=block"]])
 def test_window_flex_matches_sdpa_with_the_dense_mask(script, options):
     module = load_script(script)
     flex, dense, causal = flex_and_dense(module, ["--attention=flex", *options], n_kv_head=2)
@@ -131,6 +132,29 @@ def test_window_keeps_the_latest_keys_within_the_document(script):
                                                                            [0, 0, 0, 1, 0, 0],
                                                                            [0, 0, 0, 1, 1, 0],
                                                                            [0, 0, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("script", scripts_from(22))
+def test_a_window_of_whole_blocks(script):
+    """window_unit=block: a query sees every earlier key of its own 128-token block and of the window / 128 - 1
+    blocks before it (a width between two multiples of 128 counts the blocks that start within it)."""
+    module = load_script(script)
+    idx = torch.zeros(1, 512, dtype=torch.long)
+    for window, blocks in ((128, 1), (256, 2), (200, 2), (129, 2)):
+        options = ["--block_size=512", f"--window={window}", "--window_unit=block"]
+        model = module.GPT(module.parse_config(SMALL + options))
+        mask = model.attention_mask(idx, flex=False)[0, 0]
+        for query in (0, 127, 128, 300, 511):
+            first = max(0, (query // 128 - blocks + 1) * 128)
+            assert mask[query].nonzero().flatten().tolist() == list(range(first, query + 1)), (window, query)
+    tokens = module.GPT(module.parse_config(SMALL + ["--block_size=512", "--window=128"]))
+    assert tokens.attention_mask(idx, flex=False)[0, 0, 300].sum() == 128  # the unit changes what is seen
+
+
+@pytest.mark.parametrize("script", scripts_from(22))
+def test_unknown_window_unit_is_refused(script):
+    with pytest.raises(SystemExit, match="--window_unit='tile' is not one of: token, block"):
+        load_script(script).parse_config(["--window_unit=tile"])
 
 
 @pytest.mark.parametrize("script", scripts_from(22))

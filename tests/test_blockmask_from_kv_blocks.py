@@ -59,7 +59,10 @@ def both_block_masks(module, options, idx):
 MASKS = [[], ["--window=1"], ["--window=5"], ["--window=100"], ["--window=128"], ["--window=200"], ["--window=384"],
          ["--doc_masking=true"], ["--doc_masking=true", "--window=1"], ["--doc_masking=true", "--window=100"],
          ["--doc_masking=true", "--window=250"], ["--causal=false"], ["--causal=false", "--window=100"],
-         ["--causal=false", "--doc_masking=true"], ["--causal=false", "--doc_masking=true", "--window=200"]]
+         ["--causal=false", "--doc_masking=true"], ["--causal=false", "--doc_masking=true", "--window=200"],
+         ["--window_unit=block", "--window=128"], ["--window_unit=block", "--window=200"],
+         ["--window_unit=block", "--window=384"], ["--window_unit=block", "--window=384", "--doc_masking=true"],
+         ["--window_unit=block", "--window=256", "--causal=false"]]
 
 
 @pytest.mark.parametrize("script", scripts_from(27))
@@ -180,3 +183,15 @@ def test_trains_on_a_cpu_with_the_switch_on(script, module, shakespeare, tmp_pat
 def test_uncovered_settings_are_refused(script, module, options, message):
     with pytest.raises(SystemExit, match=message):
         module.parse_config(options)
+
+
+@pytest.mark.parametrize("script", scripts_from(27))
+def test_a_window_of_whole_blocks_lists_whole_tiles(script, module):
+    """window_unit=block, window 384 (3 tiles), causal: the diagonal tile is partial (causal inside it), the two
+    before it are full, and no tile is cut by the window, as in the original lineage's training mask."""
+    idx = torch.zeros(1, 512, dtype=torch.long)
+    _, fast, _ = both_block_masks(module, ["--window_unit=block", "--window=384"], idx)
+    partial = tile_flags(fast.kv_num_blocks, fast.kv_indices)[0, 0].int().tolist()
+    full = tile_flags(fast.full_kv_num_blocks, fast.full_kv_indices)[0, 0].int().tolist()
+    assert partial == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    assert full == [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0]]
