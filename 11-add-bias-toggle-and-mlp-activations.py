@@ -61,6 +61,7 @@ class Config:
     seed: int = 1337  # seeds the model init and everything random in the run
     compile: bool = False  # torch.compile the model (slow start, faster steps)
     val_fraction: float = 0.1  # text-file data only: this last fraction of its tokens is the val split
+    shuffle_sequences: bool = False  # train on each shard's block_size-token sequences in a seeded shuffled order
     # model
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128: faster matmuls
     block_size: int = 1024  # context length in tokens
@@ -425,11 +426,14 @@ class DataLoaderLite:
     stream is world_size batches wide and rank r takes the r-th one, so together the ranks read exactly what
     one process with world_size times the accumulation would read. Shards are visited in an order shuffled
     from (seed, epoch), so every epoch sees them in a new order and a rerun sees the same ones; with no seed
-    (validation) in file order."""
+    (validation) in file order.
+    With shuffle, a shard's whole T-token sequences are read in an order shuffled from (seed, epoch, shard),
+    not front to back: each batch holds sequences from all over the shard, and a pass over it reads each once."""
 
-    def __init__(self, shards, B, T, rank=0, world_size=1, seed=None):
+    def __init__(self, shards, B, T, rank=0, world_size=1, seed=None, shuffle=False):
         self.shards, self.B, self.T = shards, B, T
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle = shuffle
         self.load_state_dict({"epoch": 0, "shard": 0, "position": B * T * rank})
 
     def state_dict(self):
@@ -447,12 +451,20 @@ class DataLoaderLite:
             name = shard if isinstance(shard, str) else "the text's train split"
             raise SystemExit(f"{name} holds {len(self.tokens)} tokens, fewer than one batch (batch_size * "
                              f"block_size * world_size + 1 = {needed}); lower --batch_size or --block_size")
+        # shuffle: position k * T stands for the k-th sequence of this order (each read with the token after it)
+        self.sequences = np.random.default_rng([self.seed, self.epoch, self.shard]).permutation(
+            (len(self.tokens) - 1) // self.T) if self.shuffle else None
 
     def next_batch(self):
         B, T = self.B, self.T
-        chunk = torch.from_numpy(self.tokens[self.position: self.position + B * T + 1].astype(np.int64))
-        x = chunk[:-1].view(B, T)  # inputs
-        y = chunk[1:].view(B, T)  # targets: the next token at every position
+        if self.sequences is None:
+            chunk = torch.from_numpy(self.tokens[self.position: self.position + B * T + 1].astype(np.int64))
+            x = chunk[:-1].view(B, T)  # inputs
+            y = chunk[1:].view(B, T)  # targets: the next token at every position
+        else:
+            starts = self.sequences[self.position // T: self.position // T + B] * T
+            rows = torch.from_numpy(np.stack([self.tokens[s: s + T + 1] for s in starts]).astype(np.int64))
+            x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         self.position += B * T * self.world_size
         # All ranks move to the next shard together, when the last rank's next batch would not fit.
         if self.position + B * T * (self.world_size - self.rank) + 1 > len(self.tokens):
@@ -1071,7 +1083,8 @@ def main(argv=None):
     if world_size > 1:
         dist.barrier()
     hellaswag = load_hellaswag(cfg.hellaswag_path, cfg.hellaswag_examples) if cfg.hellaswag_every > 0 else []
-    train_loader = DataLoaderLite(train_shards, cfg.batch_size, cfg.block_size, rank, world_size, cfg.seed)
+    train_loader = DataLoaderLite(train_shards, cfg.batch_size, cfg.block_size, rank, world_size, cfg.seed,
+                                  cfg.shuffle_sequences)
     model = GPT(cfg).to(device)
     raw_model = model
     if cfg.compile:

@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import load_script, scripts_from, tiny_args
 
@@ -113,3 +114,48 @@ def test_bad_data_fails_early_with_the_fix(script, tmp_path):
     (garbage / "x_train_000001.npy").write_bytes(b"not numpy at all")
     with pytest.raises(SystemExit, match="is not a .npy array"):
         module.DataLoaderLite(module.find_shards(str(garbage), "train"), 4, 32)
+
+
+@pytest.mark.parametrize("script", scripts_from(3))
+def test_shuffled_sequences_cover_each_shard_once_in_a_seeded_order(script, tmp_path):
+    """shuffle: every batch row is a whole T-token sequence of the shard (with its next token as the last target),
+    a pass over a shard reads no sequence twice, in an order fixed by the seed; off, the rows are the shard front
+    to back, as in the parent."""
+    module = load_script(script)
+    train = module.find_shards(write_shards(tmp_path / "shards", n_train=1), "train")
+    per_shard = (SHARD_TOKENS - 1) // 32 // 2  # batches of 2 x 32 in one pass
+
+    def starts(seed, shuffle):
+        loader = module.DataLoaderLite(train, 2, 32, seed=seed, shuffle=shuffle)
+        rows = []
+        for x, y in batches(loader, per_shard):
+            assert (x[:, 1:] == y[:, :-1]).all() and (y[:, -1] == x[:, -1] + 1).all()  # the next token, always
+            assert ((x - x[:, :1]) == torch.arange(32)).all()  # a contiguous run of the shard
+            rows += [int(t) - SHARD_TOKENS for t in x[:, 0]]
+        return rows
+
+    in_order = starts(1, shuffle=False)
+    assert in_order == list(range(0, per_shard * 64, 32))
+    shuffled = starts(1, shuffle=True)
+    whole = set(range(0, (SHARD_TOKENS - 1) // 32 * 32, 32))  # the shard's 31 whole sequences (with a next token)
+    assert shuffled != in_order and len(set(shuffled)) == len(shuffled) == len(in_order)  # none twice
+    assert set(shuffled) <= whole and set(shuffled[:8]) - set(in_order[:8])  # from all over the shard
+    assert starts(1, shuffle=True) == shuffled and starts(2, shuffle=True) != shuffled
+
+
+@pytest.mark.parametrize("script", scripts_from(3))
+def test_shuffled_ranks_together_read_the_single_process_stream_and_resume(script, tmp_path):
+    module = load_script(script)
+    train = module.find_shards(write_shards(tmp_path / "shards"), "train")
+    # Within a shard (30 batches of 2 x 16 before the two ranks move on), the ranks' batches are the single
+    # process's, interleaved: the same shuffled order on every rank.
+    single = batches(module.DataLoaderLite(train, 2, 16, seed=3, shuffle=True), 30)
+    ranks = [batches(module.DataLoaderLite(train, 2, 16, rank=r, world_size=2, seed=3, shuffle=True), 15)
+             for r in (0, 1)]
+    assert [x.tolist() for x, _ in single] == [x.tolist() for pair in zip(*ranks) for x, _ in pair]
+    loader = module.DataLoaderLite(train, 2, 16, rank=1, world_size=2, seed=3, shuffle=True)
+    batches(loader, 37)  # past a shard boundary
+    state, expected = loader.state_dict(), batches(loader, 10)
+    restored = module.DataLoaderLite(train, 2, 16, rank=1, world_size=2, seed=3, shuffle=True)
+    restored.load_state_dict(state)
+    assert [x.tolist() for x, _ in batches(restored, 10)] == [x.tolist() for x, _ in expected]

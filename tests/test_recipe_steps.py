@@ -118,7 +118,7 @@ def test_the_defaults_are_the_original_recipes():
                   total_batch_size=262144, learning_rate=5e-3, warmup_steps=0, min_lr_ratio=0.15, optimizer="muon",
                   muon_update_scale="max_dim", beta1=0.9, beta2=0.95, val_tokens=10485760, val_target=3.28,
                   val_every=50, compile=True, window_ramp=True, window_ramp_start=128,
-                  residual_scaling="forward", window_unit="block")
+                  residual_scaling="forward", window_unit="block", shuffle_sequences=True)
     for cfg in (c30, c31):
         assert {k: getattr(cfg, k) for k in shared} == shared
         assert cfg.muon_lr == pytest.approx(0.15 * cfg.learning_rate) and cfg.kernel_warmup_steps > 0
