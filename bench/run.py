@@ -21,9 +21,11 @@ How each number is measured (bench/README.md has the long form):
 - steady tokens/s: the median step's dt over the steps after the first max(5, 10% of the steps), as tokens per
   step / median dt. dt is the script's own per-step wall time; validation is outside it.
 - compile + warm-up seconds: sum of the first 3 steps' dt minus 3 x the median steady dt (step 1 holds
-  torch.compile's compile time; steps 2-3 often recompile or autotune). Each run gets empty inductor/Triton
-  caches unless --warm-compile-cache, so this is a cold compile whatever ran before.
-- training seconds: the script's train_time (validation excluded) minus the compile + warm-up estimate.
+  torch.compile's compile time; steps 2-3 often recompile or autotune), plus the untimed kernel warm-up that
+  steps 25 on log before the first step (warmup_time). Each run gets empty inductor/Triton caches unless
+  --warm-compile-cache, so this is a cold compile whatever ran before.
+- training seconds: the script's train_time (validation excluded) minus the first steps' excess (the kernel
+  warm-up is outside train_time already).
 - MFU: model FLOPs per token x steady tokens/s / (GPUs x this card's measured bf16 matmul rate), the rate timed
   here on an 8192^3 bf16 product (not the datasheet's peak). Null on CPU.
 - model FLOPs per token: 6 N + 12 n_layer n_embd block_size (the PaLM / nanoGPT estimate: 6 N for the forward
@@ -297,6 +299,7 @@ def summarize(run, config, device_info, nproc):
     if done:
         summary["peak_mem_mib"] = runlog.number(done.get("peak_mem"))
     timed = [row for row in steps if runlog.number(row.get("dt")) is not None]
+    excess_ms = None  # the first 3 steps' time beyond the steady step time
     if timed:
         first = steady_window(len(timed))
         steady_ms = statistics.median(row["dt"] for row in timed[first:])
@@ -304,9 +307,13 @@ def summarize(run, config, device_info, nproc):
         if tokens_per_step:
             summary["steady_tokens_per_s"] = round(tokens_per_step / (steady_ms / 1000), 1)
         if len(timed) > 3 and first >= 3:
-            summary["compile_warmup_s"] = round((sum(row["dt"] for row in timed[:3]) - 3 * steady_ms) / 1000, 3)
-    # The logged train_time holds step 1's compile; the same clock with the compile estimate taken out:
-    compile_ms = max(0.0, summary["compile_warmup_s"] or 0.0) * 1000
+            excess_ms = sum(row["dt"] for row in timed[:3]) - 3 * steady_ms
+    # Steps 25 on compile in untimed throwaway steps first (the log's warmup_time, outside train_time)
+    warmup_ms = runlog.number(header.get("warmup_time")) or 0.0
+    if excess_ms is not None:
+        summary["compile_warmup_s"] = round((excess_ms + warmup_ms) / 1000, 3)
+    # The logged train_time holds step 1's compile (if nothing compiled before it); the same clock without it:
+    compile_ms = max(0.0, excess_ms or 0.0)
     for point in summary["val"]:
         if point["train_time_ms"] is not None:
             point["train_time_ex_compile_ms"] = round(max(0.0, point["train_time_ms"] - compile_ms), 1)

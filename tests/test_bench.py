@@ -133,6 +133,8 @@ def test_summarize_timing_and_mfu():
         (5242880, 1234.0, 40.0, 10.0)
     assert s["final_val_loss"] == 6.5 and s["final_train_loss"] == 6.6 and s["hellaswag_acc"] == 0.2512
     assert [v["train_time_ex_compile_ms"] for v in s["val"]] == [5000.0, 10000.0]
+    warmed = summarize(LOG.replace("model_params:", "kernel_warmup_steps:3 warmup_time:90000ms\nmodel_params:"))
+    assert warmed["compile_warmup_s"] == 120.0 and warmed["train_time_ex_compile_s"] == 10.0  # warm-up: untimed
     on_cpu = summarize(LOG.replace("device:cuda:0", "device:cpu"))
     assert on_cpu["card"] == "cpu" and on_cpu["mfu"] is None and on_cpu["matmul_tflops"] is None
 
