@@ -250,6 +250,17 @@ def test_plot_two_summaries(tiny_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_plot_takes_only_the_timed_compile_out_of_train_time():
+    # Step 25 on: 120 s of untimed kernel warm-up are in compile_warmup_s, but not in the logged train_time,
+    # which holds only 2 s of compile in its first steps: the plot's clock subtracts those 2 s, not 122 s.
+    summary = {"name": "warmed", "compile_warmup_s": 122.0, "train_time_s": 12.0, "train_time_ex_compile_s": 10.0,
+               "val": [{"step": 6, "tokens": 768, "train_time_ms": 7000.0, "val_loss": 10.2}]}
+    _, _, points = load_bench("plot").curves(summary)
+    assert points == [(5.0, 768, 10.2)]
+    older = {k: v for k, v in summary.items() if not k.startswith("train_time")}  # no train_time_ex_compile_s
+    assert load_bench("plot").curves(older)[2] == [(0.0, 768, 10.2)]
+
+
 @pytest.mark.skipif(not [s for s in SCRIPTS if script_number(s) >= 4], reason="needs a lineage step with validation")
 def test_runner_records_val_curve(corpus, tmp_path):
     script = next(s for s in SCRIPTS if script_number(s) >= 4)
