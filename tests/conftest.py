@@ -27,16 +27,30 @@ def script_number(name):
 RECIPE_STEPS = (30, 31)
 
 
+# The speed steps (33 on) each add one switch; the value here builds the parent's model (the switch off). A switch
+# may default on where it measurably pays (../shared/LINEAGE.md), so tests name these values, not the defaults.
+SPEED_SWITCHES_OFF = {}
+
+
+def step_adding(field):
+    """The script whose Config first has `field`: the step that added that switch."""
+    for name in SCRIPTS:
+        if any(f.name == field for f in dataclasses.fields(load_script(name).Config)):
+            return name
+    raise LookupError(f"no step has the config field {field!r}")
+
+
 def scripts_from(first, last=99):
     """The scripts that test a feature introduced at step `first`: that step and the newest one up to `last`.
     The steps between carry the feature unchanged (tools/lineage.py propagate), and the cheap structural tests
     (defaults build the parent's model, the config, --help, the lineage check) run on every step, so the test
     time grows with the number of steps, not with its square. A feature older than the recipe steps is tested
-    on the newest step that keeps its parent's defaults (the tests build on those); the recipe steps have tests
-    of their own (tests/test_recipe_steps.py) besides the structural ones."""
+    on the newest step before them (the tests build on its defaults): the recipe steps and the speed steps after
+    them, whose switches may default on, have tests of their own (tests/test_recipe_steps.py,
+    tests/test_speed_steps.py) besides the structural ones."""
     having = [s for s in SCRIPTS if first <= script_number(s) <= last]
     if first < RECIPE_STEPS[0]:
-        having = [s for s in having if script_number(s) not in RECIPE_STEPS]
+        having = [s for s in having if script_number(s) < RECIPE_STEPS[0]]
     return sorted({having[0], having[-1]}) if having else []
 
 

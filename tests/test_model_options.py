@@ -1,5 +1,6 @@
 """Model and optimizer options, steps 01 and 09-17: each option changes what it claims, its default is the parent's
 model exactly, and every script that has the option is tested (so later steps cannot silently break it)."""
+import dataclasses
 import functools
 import math
 import os
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import RECIPE_STEPS, SCRIPTS, load_script, script_number, scripts_from, tiny_args
+from conftest import RECIPE_STEPS, SCRIPTS, SPEED_SWITCHES_OFF, load_script, script_number, scripts_from, tiny_args
 
 SMALL = ["--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=16", "--vocab_size=50304"]
 
@@ -38,14 +39,18 @@ def train_briefly(module, *options, steps=25):
 
 @pytest.mark.parametrize("script", SCRIPTS[1:])
 def test_default_model_is_the_parents(script):
-    """Every step's defaults keep its parent's model: same parameters, same init, same logits. The two exceptions
-    by design: steps 30 and 31 change the defaults to the original lineage's recipes (their headers say so)."""
+    """Every step's defaults keep its parent's model: same parameters, same init, same logits. The exceptions by
+    design: steps 30 and 31 change the defaults to the original lineage's recipes (their headers say so), and a
+    speed step's switch may default on: off, it builds the parent's model."""
     child = load_script(script)
     parent = load_script(script_number(script) - 1)
     if script_number(script) in RECIPE_STEPS:
         assert child.Config() != parent.Config()  # the recipe's defaults, by design
         return
-    child_model, _ = build(child)
+    parent_fields = {f.name for f in dataclasses.fields(parent.Config)}
+    off = [f"--{field}={value}" for field, value in SPEED_SWITCHES_OFF.items()
+           if field not in parent_fields and hasattr(child.Config, field)]
+    child_model, _ = build(child, *off)
     parent_model, _ = build(parent)
     assert list(child_model.state_dict()) == list(parent_model.state_dict())
     x = torch.randint(0, 50257, (2, 16))

@@ -1,6 +1,7 @@
-"""Steps 30 and 31 (written as feature files, merged into the lineage later): the training config resolved for the
+"""Steps 30, 31 and 32 (written as feature files, merged into the lineage later): the training config resolved for the
 world size, the window ramp of step 30 (linear, on or off) and the stepwise window schedule of step 31, the
-window a resumed run goes on with, and the presets (demo, bench100m)."""
+window a resumed run goes on with, and the presets (demo, bench100m; step 32 changes bench100m)."""
+import dataclasses
 import math
 import os
 
@@ -10,6 +11,7 @@ from conftest import load_script, logged_steps, read_log, tiny_args
 
 S30 = "30-gpt-3-small-with-training-config-and-with-or-without-swa-window-size-ramp.py"
 S31 = "31-add-flexible-swa-schedule.py"
+S32 = "32-bench100m-recipe-half-batch-linear-cooldown.py"
 BOTH = [S30, S31]
 # 31's linear ramp is 30's, with 30's end width
 LINEAR = {S30: [], S31: ["--window_schedule=linear", "--window=1024"]}
@@ -108,6 +110,29 @@ def test_bench100m_preset_is_the_scaled_recipe():
     assert (cfg.val_every, cfg.val_target, cfg.val_tokens) == (32, 0.0, 10485760)  # from the start, no early stop
     # the rest is the 4.87-min recipe
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.mlp_ratio, cfg.block_size) == (8, 1024, 16, 2.0, 8192)
+
+
+def test_step_32_changes_only_the_bench100m_preset():
+    """Step 32's bench100m: half the tokens per step over twice the steps, the window's steps doubled (so the same
+    widths at the same tokens), the peak held, then a linear fall over the last 45% of the steps to 0.1x."""
+    s31, s32 = load_script(S31), load_script(S32)
+    assert dataclasses.asdict(s32.Config()) == dataclasses.asdict(s31.Config())
+    assert s32.PRESETS["demo"] == s31.PRESETS["demo"]
+    cfg, old = s32.parse_config(["--preset=bench100m"]), s31.parse_config(["--preset=bench100m"])
+    plan = s32.resolve_training(cfg, 1)
+    assert (plan.max_steps, plan.tokens_per_step, plan.train_tokens) == (768, 131072, 100663296)
+    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.val_steps) == (8, 2, 160)
+    assert [s32.window_widths(cfg, 768)[2 * s] for s in range(384)] == s31.window_widths(old, 383)[:384]
+    lrs = [s32.get_lr(step, cfg) for step in range(768)]
+    assert lrs[:422] == [cfg.learning_rate] * 422  # held, then the cool-down over the last 346 steps (45%) ...
+    assert lrs[422] == pytest.approx(cfg.learning_rate)
+    assert all(b < a for a, b in zip(lrs[422:], lrs[423:]))  # ... falls every step ...
+    assert lrs[422] - lrs[500] == pytest.approx(lrs[500] - lrs[578])  # ... linearly
+    assert lrs[767] == pytest.approx(cfg.learning_rate * (0.1 + 0.9 / 346))  # to 0.1x at step 768
+    assert (cfg.val_every, cfg.val_target, cfg.val_tokens) == (64, 0.0, 10485760)
+    changed = {k for k in s32.PRESETS["bench100m"] if s32.PRESETS["bench100m"][k] != s31.PRESETS["bench100m"].get(k)}
+    assert changed == {"max_steps", "total_batch_size", "lr_decay_tokens", "lr_decay", "cooldown_fraction",
+                       "min_lr_ratio", "window_schedule_start", "window_schedule_every", "val_every"}
 
 
 def test_the_defaults_are_the_original_recipes():
