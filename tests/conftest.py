@@ -3,6 +3,7 @@ import dataclasses
 import glob
 import importlib.util
 import os
+import re
 import signal
 import socket
 import sys
@@ -29,14 +30,15 @@ RECIPE_STEPS = (30, 31)
 
 # The speed steps (33 on) each add one switch; the value here builds the parent's model (the switch off). A switch
 # may default on where it measurably pays (../shared/LINEAGE.md), so tests name these values, not the defaults.
-SPEED_SWITCHES_OFF = {}
+SPEED_SWITCHES_OFF = {"async_batches": False}
 
 
 def step_adding(field):
-    """The script whose Config first has `field`: the step that added that switch."""
+    """The script whose Config first has `field` (a line `    field: type = ...`): the step that added that switch."""
     for name in SCRIPTS:
-        if any(f.name == field for f in dataclasses.fields(load_script(name).Config)):
-            return name
+        with open(os.path.join(REPO, name), encoding="utf-8") as f:
+            if re.search(rf"^    {field}: \w+ = ", f.read(), re.M):
+                return name
     raise LookupError(f"no step has the config field {field!r}")
 
 
