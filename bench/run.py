@@ -28,10 +28,11 @@ How each number is measured (bench/README.md has the long form):
   warm-up is outside train_time already).
 - MFU: model FLOPs per token x steady tokens/s / (GPUs x this card's measured bf16 matmul rate), the rate timed
   here on an 8192^3 bf16 product (not the datasheet's peak). Null on CPU.
-- model FLOPs per token: 6 N + 12 n_layer n_embd block_size (the PaLM / nanoGPT estimate: 6 N for the forward
-  and backward matmuls over N parameters, the second term for attention's QK^T and AV over a full window).
-  N = model_params from the run's header line: every parameter, embeddings included; with tied embeddings the
-  token table is the lm_head matmul, so only the position table (block_size x n_embd) is an overcount.
+- model FLOPs per token: 6 N + 12 n_layer n_embd W (the PaLM / nanoGPT estimate: 6 N for the forward and backward
+  matmuls over N parameters, the second term for attention's QK^T and AV over W keys). N = model_params from the
+  run's header line less the tables that are only looked up: the position table (pos_emb absolute), the token
+  table when the head is untied (with tied embeddings it is the head's matmul), value-embedding tables. W = the
+  logged sliding window's mean width over the run, else block_size (not halved for causality).
 """
 
 import argparse
@@ -255,11 +256,28 @@ def steady_window(n_steps):
     return min(3, n_steps - 1) if n_steps > 1 else 0
 
 
-def flops_per_token(model_params, config):
-    """6 N + 12 L C T (see the module docstring)."""
+def flops_per_token(model_params, config, mean_window=None):
+    """6 N + 12 L C W (see the module docstring): N counts the parameters that multiply, W the keys a query sees."""
     if not model_params or not all(config.get(k) for k in ("n_layer", "n_embd", "block_size")):
         return None
-    return 6 * model_params + 12 * config["n_layer"] * config["n_embd"] * config["block_size"]
+    n_embd, vocab_size, block_size = config["n_embd"], config.get("vocab_size") or 0, config["block_size"]
+    looked_up = 0  # tables that are only indexed, never multiplied
+    if config.get("pos_emb", "absolute") == "absolute":
+        looked_up += block_size * n_embd
+    if config.get("tie_embeddings") is False:
+        looked_up += vocab_size * n_embd
+    if config.get("value_embeddings"):
+        kv_width = (config.get("n_kv_head") or config.get("n_head") or 1) * (n_embd // (config.get("n_head") or 1))
+        looked_up += config["value_embeddings"] * vocab_size * kv_width
+    keys = min(mean_window, block_size) if mean_window else block_size
+    return 6 * (model_params - looked_up) + 12 * config["n_layer"] * n_embd * keys
+
+
+def mean_window(steps):
+    """The sliding window's mean width over the logged steps (steps 22 on log it while one is on), or None."""
+    widths = [runlog.number(row.get("window")) for row in steps if row.get("window") is not None]
+    widths = [w for w in widths if w]
+    return statistics.fmean(widths) if widths else None
 
 
 def summarize(run, config, device_info, nproc):
@@ -280,7 +298,7 @@ def summarize(run, config, device_info, nproc):
         "steps": len(steps),
         "tokens_trained": None, "train_time_s": None, "train_time_ex_compile_s": None,
         "compile_warmup_s": None, "steady_from_step": None, "steady_step_ms": None, "steady_tokens_per_s": None,
-        "flops_per_token": flops_per_token(model_params and int(model_params), config),
+        "flops_per_token": flops_per_token(model_params and int(model_params), config, mean_window(steps)),
         "matmul_tflops": device_info["matmul_tflops"] if on_gpu else None,
         "mfu": None,
         "peak_mem_mib": None,

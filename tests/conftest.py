@@ -30,7 +30,7 @@ RECIPE_STEPS = (30, 31)
 
 # The speed steps (33 on) each add one switch; the value here builds the parent's model (the switch off). A switch
 # may default on where it measurably pays (../shared/LINEAGE.md), so tests name these values, not the defaults.
-SPEED_SWITCHES_OFF = {"async_batches": False}
+SPEED_SWITCHES_OFF = {"async_batches": False, "value_embeddings": 0, "x0_mixing": False}
 
 
 def step_adding(field):
@@ -104,8 +104,10 @@ def no_network(monkeypatch):
 
 # ckpt_every=0 and sample_every=0: a tiny run writes no checkpoint (each is ~20 MB, mostly the embedding) and
 # prints no samples unless its test asks for them, so the suite stays fast and leaves little on disk.
+# value_embeddings=1: 2 layers hold one table (step 34's default of 2 needs 4).
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, total_batch_size=128, max_steps=5,
-            warmup_steps=1, device="cpu", val_tokens=256, val_every=0, ckpt_every=0, sample_every=0)
+            warmup_steps=1, device="cpu", val_tokens=256, val_every=0, ckpt_every=0, sample_every=0,
+            value_embeddings=1)
 
 
 def tiny_args(script, data, out_dir, **overrides):

@@ -126,7 +126,7 @@ def test_summarize_timing_and_mfu():
     # steady: steps after the first max(5, 10%) = steps 6..10, median dt 1000 ms
     assert (s["steady_from_step"], s["steady_step_ms"], s["steady_tokens_per_s"]) == (6, 1000.0, 524288.0)
     assert s["compile_warmup_s"] == 30.0  # (30000 + 2000 + 1000) - 3 * 1000 ms
-    flops = 6 * 124475904 + 12 * 12 * 768 * 1024
+    flops = 6 * (124475904 - 1024 * 768) + 12 * 12 * 768 * 1024  # the position table is looked up, not multiplied
     assert s["flops_per_token"] == flops
     assert s["mfu"] == round(flops * 524288 / 800e12, 4)
     assert (s["tokens_trained"], s["peak_mem_mib"], s["train_time_s"], s["train_time_ex_compile_s"]) == \
@@ -483,3 +483,24 @@ def test_session_bench100m_runs_every_run_by_the_protocol(tmp_path):
     assert [p["val_loss"] for p in line["val_at_quarters"]] == [9.0, 8.0, 7.0, 6.0]
     done = subprocess.run(base + ["--run", f"steps=2 {script}"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "drop budget= and steps=" in done.stderr
+
+
+def test_flops_count_only_what_multiplies_and_the_keys_a_query_sees():
+    """Tables that are only looked up are not matmul FLOPs, and a sliding window bounds the attention term: step
+    31's recipe at bench100m's mean window of 680 tokens is ~779 MFLOP/token, not the 1,517 of 6 N + 12 L C T."""
+    config = {"n_layer": 8, "n_embd": 1024, "n_head": 16, "block_size": 8192, "vocab_size": 50304,
+              "pos_emb": "rotary", "tie_embeddings": True}
+    params = 118637568
+    assert bench_run.flops_per_token(params, config) == 6 * params + 12 * 8 * 1024 * 8192
+    assert bench_run.flops_per_token(params, config, 680) == 6 * params + 12 * 8 * 1024 * 680
+    assert bench_run.flops_per_token(params, config, 20000) == bench_run.flops_per_token(params, config)  # <= T
+    untied = dict(config, tie_embeddings=False)
+    assert bench_run.flops_per_token(params + 50304 * 1024, untied, 680) == \
+        bench_run.flops_per_token(params, config, 680)  # the input table of an untied head is looked up
+    with_tables = dict(config, value_embeddings=2)
+    assert bench_run.flops_per_token(params + 2 * 50304 * 1024, with_tables, 680) == \
+        bench_run.flops_per_token(params, config, 680)
+    absolute = dict(config, pos_emb="absolute")
+    assert bench_run.flops_per_token(params + 8192 * 1024, absolute) == bench_run.flops_per_token(params, config)
+    steps = [{"step": 1, "window": 128}, {"step": 2, "window": 256}, {"step": 3}]
+    assert bench_run.mean_window(steps) == 192 and bench_run.mean_window([{"step": 1}]) is None

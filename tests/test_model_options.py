@@ -47,11 +47,12 @@ def test_default_model_is_the_parents(script):
     if script_number(script) in RECIPE_STEPS:
         assert child.Config() != parent.Config()  # the recipe's defaults, by design
         return
-    parent_fields = {f.name for f in dataclasses.fields(parent.Config)}
-    off = [f"--{field}={value}" for field, value in SPEED_SWITCHES_OFF.items()
-           if field not in parent_fields and hasattr(child.Config, field)]
-    child_model, _ = build(child, *off)
-    parent_model, _ = build(parent)
+    def switches_off(module):  # SMALL's 2 layers cannot hold step 34's default 2 value-embedding tables, either
+        fields = {f.name for f in dataclasses.fields(module.Config)}
+        return [f"--{field}={value}" for field, value in SPEED_SWITCHES_OFF.items() if field in fields]
+
+    child_model, _ = build(child, *switches_off(child))
+    parent_model, _ = build(parent, *switches_off(parent))
     assert list(child_model.state_dict()) == list(parent_model.state_dict())
     x = torch.randint(0, 50257, (2, 16))
     assert torch.equal(child_model(x), parent_model(x))
