@@ -28,9 +28,11 @@ def script_number(name):
 RECIPE_STEPS = (30, 31)
 
 
-# The speed steps (33 on) each add one switch; the value here builds the parent's model (the switch off). A switch
-# may default on where it measurably pays (../shared/LINEAGE.md), so tests name these values, not the defaults.
-SPEED_SWITCHES_OFF = {"async_batches": False, "value_embeddings": 0, "x0_mixing": False}
+# The speed steps (33 on) each add one switch, or turn an older one on (37: the logit soft-cap); the value here
+# builds the parent's model (the switch off). A switch may default on where it measurably pays
+# (../shared/LINEAGE.md), so tests name these values, not the defaults.
+SPEED_SWITCHES_OFF = {"async_batches": False, "value_embeddings": 0, "x0_mixing": False,
+                      "muon_momentum_warmup_steps": 0, "logit_softcap": 0.0}
 
 
 def step_adding(field):

@@ -1,17 +1,21 @@
 """Steps 30, 31 and 32 (written as feature files, merged into the lineage later): the training config resolved for the
 world size, the window ramp of step 30 (linear, on or off) and the stepwise window schedule of step 31, the
-window a resumed run goes on with, and the presets (demo, bench100m; step 32 changes bench100m)."""
+window a resumed run goes on with, and the presets (demo, bench100m; step 32 changes bench100m). Step 37 turns
+the logit soft-cap on."""
 import dataclasses
 import math
 import os
 
 import pytest
+import torch
 
 from conftest import load_script, logged_steps, read_log, tiny_args
 
 S30 = "30-gpt-3-small-with-training-config-and-with-or-without-swa-window-size-ramp.py"
 S31 = "31-add-flexible-swa-schedule.py"
 S32 = "32-bench100m-recipe-half-batch-linear-cooldown.py"
+S36 = "36-add-muon-momentum-warmup.py"
+S37 = "37-recipe-logit-softcap-15.py"
 BOTH = [S30, S31]
 # 31's linear ramp is 30's, with 30's end width
 LINEAR = {S30: [], S31: ["--window_schedule=linear", "--window=1024"]}
@@ -133,6 +137,31 @@ def test_step_32_changes_only_the_bench100m_preset():
     changed = {k for k in s32.PRESETS["bench100m"] if s32.PRESETS["bench100m"][k] != s31.PRESETS["bench100m"].get(k)}
     assert changed == {"max_steps", "total_batch_size", "lr_decay_tokens", "lr_decay", "cooldown_fraction",
                        "min_lr_ratio", "window_schedule_start", "window_schedule_every", "val_every"}
+
+
+def test_step_37_changes_only_the_logit_softcap_default():
+    """Step 37 is step 36 with --logit_softcap=15: the same config otherwise, the same model and loss as step 36
+    with the cap passed, every logit inside [-15, 15]; --logit_softcap=0 gives step 36's logits back."""
+    s36, s37 = load_script(S36), load_script(S37)
+    ours, theirs = dataclasses.asdict(s37.Config()), dataclasses.asdict(s36.Config())
+    assert {k for k in ours if ours[k] != theirs[k]} == {"logit_softcap"}
+    assert (ours["logit_softcap"], theirs["logit_softcap"]) == (15.0, 0.0)
+    assert s37.PRESETS == s36.PRESETS
+    tiny = dict(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=64, window=0, window_ramp=False,
+                attention="sdpa", blockmask_from_kv_blocks=False, compile=False, value_embeddings=1)
+
+    def model(module, **overrides):
+        torch.manual_seed(0)
+        net = module.GPT(module.Config(**{**tiny, **overrides}))
+        with torch.no_grad():  # logits large enough for the cap to bind
+            net.lm_head.weight.mul_(20.0)
+        return net
+    x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        capped, same = model(s37)(x), model(s36, logit_softcap=15.0)(x)
+        uncapped, off = model(s36)(x), model(s37, logit_softcap=0.0)(x)
+    assert torch.equal(capped, same) and torch.equal(uncapped, off)
+    assert capped.abs().max() <= 15 < uncapped.abs().max()
 
 
 def test_the_defaults_are_the_original_recipes():
