@@ -1,0 +1,114 @@
+"""--fp8_head (step 39, off until measured): in training, the LM head's logits and both of its gradients come
+from float8 products (torch._scaled_mm, which runs on the CPU too) with per-tensor scales. They stay within
+float8's rounding of the exact products, training still lowers the loss, evaluation keeps the exact head, and
+off the step is its parent (step 38)."""
+import os
+
+import pytest
+import torch
+
+from conftest import load_script, script_number, step_adding
+
+LEVER_SCRIPT = step_adding("fp8_head")
+lever = load_script(LEVER_SCRIPT)
+parent_step = load_script(script_number(LEVER_SCRIPT) - 1)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=64, window=0, window_ramp=False,
+            attention="sdpa", blockmask_from_kv_blocks=False, compile=False, learning_rate=1e-2, muon_lr=1e-2,
+            muon_update_scale="aspect", value_embeddings=1)
+
+
+def build(module, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = module.Config(**{**TINY, **overrides})
+    return module.GPT(cfg), cfg
+
+
+def batch(seed=1, B=2, T=32):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, TINY["vocab_size"], (B, T + 1), generator=generator)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def train(model, cfg, module, steps):
+    optimizer = module.configure_optimizer(model, cfg, "cpu")
+    x, y = batch()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_off_by_default_and_off_is_the_parent():
+    assert lever.Config().fp8_head is False and not hasattr(parent_step.Config, "fp8_head")
+    model, cfg = build(lever)
+    parent, parent_cfg = build(parent_step)
+    assert train(model, cfg, lever, 3) == train(parent, parent_cfg, parent_step, 3)
+
+
+def test_products_are_the_exact_ones_to_float8_rounding():
+    """Forward e4m3 x e4m3 and backward e5m2 gradients: within a few % of the float32 products (float8 keeps 3
+    or 2 mantissa bits), not equal to them (the switch does something), the weight's gradient in its dtype."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=generator, requires_grad=True)
+    w = (0.02 * torch.randn(48, 32, generator=generator)).requires_grad_()
+    grad = torch.randn(64, 48, generator=generator)
+    out = lever.FP8Linear.apply(x, w)
+    out.backward(grad)
+    exact_x, exact_w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    exact = exact_x @ exact_w.t()
+    exact.backward(grad)
+    assert out.dtype == torch.bfloat16 and w.grad.dtype == w.dtype and x.grad.shape == x.shape
+    assert 0 < relative_error(out, exact) < 0.06
+    assert 0 < relative_error(x.grad, exact_x.grad) < 0.12
+    assert 0 < relative_error(w.grad, exact_w.grad) < 0.12
+
+
+def test_scales_use_the_whole_range_and_never_overflow():
+    t = torch.tensor([[0.001, -3.0], [2.0, 0.5]])
+    t8, scale = lever.to_float8(t, torch.float8_e4m3fn)
+    assert t8.dtype == torch.float8_e4m3fn and t8.float().abs().max() == 448.0
+    torch.testing.assert_close(t8.float() * scale, t, rtol=0.07, atol=1e-3)
+    zeros8, zero_scale = lever.to_float8(torch.zeros(2, 2), torch.float8_e5m2)
+    assert torch.count_nonzero(zeros8.float()) == 0 and zero_scale > 0  # no division by zero
+
+
+def test_training_uses_it_and_evaluation_does_not(monkeypatch):
+    calls = []
+    original = lever.FP8Linear.apply
+    monkeypatch.setattr(lever.FP8Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    model, cfg = build(lever, fp8_head=True)
+    losses = train(model, cfg, lever, 8)
+    assert len(calls) == 8 and losses[-1] < losses[0] - 0.5
+    calls.clear()
+    model.eval()
+    x, y = batch()
+    with torch.no_grad():
+        exact, _ = build(lever)
+        exact.load_state_dict(model.state_dict())
+        exact.eval()
+        assert torch.equal(model(x, y), exact(x, y))
+    assert not calls
+
+
+def test_fp8_losses_follow_the_exact_ones():
+    model, cfg = build(lever, fp8_head=True)
+    fp8 = train(model, cfg, lever, 6)
+    model, cfg = build(lever)
+    exact = train(model, cfg, lever, 6)
+    assert fp8 != exact and fp8 == pytest.approx(exact, abs=0.05)
+
+
+def test_shapes_float8_cannot_tile_are_refused():
+    with pytest.raises(SystemExit, match="--fp8_head needs --n_embd, --vocab_size and --block_size multiples of 16"):
+        lever.parse_config(["--fp8_head=true", "--vocab_size=50257"])
+    assert lever.parse_config(["--fp8_head=true"]).fp8_head is True
