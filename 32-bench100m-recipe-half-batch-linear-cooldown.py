@@ -1,9 +1,5 @@
-"""Step 32 of the lineage: the bench100m preset gets the recipe measured best at 100M tokens.
+"""Step 32 of the lineage: the bench100m preset gets the recipe measured best at 100M tokens (bench/RESULTS.md).
 Parent: 31-add-flexible-swa-schedule.py
-By design step 32 changes the bench100m preset, and only it: 131,072 tokens per step (768 steps, not 384 of 262,144),
-the window's steps doubled to match, and the learning rate held, then cooled linearly over the last 45% of the run
-to 0.1x (not a cosine over 121.6M tokens). On bench100m these measured -0.074 and -0.017 in final val loss
-(bench/RESULTS.md, 2026-11-25 (d)). The full run's defaults stay step 31's recipe: they are not measured here.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:

@@ -1,7 +1,6 @@
 """Step 33 of the lineage: add async batches: the next micro-batch is read and sent to the GPU while one computes.
 Parent: 32-bench100m-recipe-half-batch-linear-cooldown.py
-Its switch defaults on: on bench100m it measured 5.9% more tokens/s than step 32 on the same GPU, with the same
-val loss within run-to-run noise (bench/RESULTS.md, 2026-11-26). Off (--async_batches=false), it trains as step 32.
+On by default: 5.9% more tokens/s on bench100m, the same loss (bench/RESULTS.md 2026-11-26); off = step 32.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:

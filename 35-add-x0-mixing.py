@@ -1,7 +1,6 @@
 """Step 35 of the lineage: add x0 mixing: each block's input is a*x + b*x0, x0 the embedded tokens, a and b learned.
 Parent: 34-add-value-embeddings.py
-Its switch defaults on: on bench100m it measured -0.006 final val loss against step 32's recipe, about twice the
-spread of two runs of the same model (bench/RESULTS.md, 2026-11-26). Off (--x0_mixing=false), it is step 34.
+On by default: -0.006 final val on bench100m (bench/RESULTS.md 2026-11-26); off = step 34.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:

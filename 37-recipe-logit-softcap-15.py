@@ -1,9 +1,6 @@
 """Step 37 of the lineage: the LM head's logits soft-capped at 15 by default (step 17's --logit_softcap).
 Parent: 36-add-muon-momentum-warmup.py
-The step's whole point is the new default: on bench100m, 15 * tanh(z / 15) measured -0.029 final val loss against
-step 36 (1.1391 and 1.1363, two seeds, against 1.1676; H200, bench/RESULTS.md 2026-11-26 (b)). Record #28 caps its
-logits the same way: its 30 * sigmoid(z / 7.5) is 15 * tanh(z / 15) + 15, the same softmax. --logit_softcap=0 is
-step 36.
+The new default is the step: -0.029 final val on bench100m, two seeds (bench/RESULTS.md 2026-11-26 (b)); 0 = step 36.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
