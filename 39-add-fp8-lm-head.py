@@ -161,7 +161,7 @@ class Config:
     optimizer: str = "muon"  # adamw, or muon (Muon for the blocks' 2-D matrices, AdamW for everything else)
     muon_lr: float = 7.5e-4  # Muon's peak learning rate
     muon_momentum: float = 0.95  # Muon's momentum
-    muon_momentum_warmup_steps: int = 150  # Muon: momentum rises linearly from muon_momentum_start over these steps; 0 = off
+    muon_momentum_warmup_steps: int = 150  # Muon: momentum rises from muon_momentum_start over these steps; 0 = off
     muon_momentum_start: float = 0.85  # muon_momentum_warmup_steps: Muon's momentum at step 0
     muon_nesterov: bool = True  # Muon: Nesterov momentum (the update looks ahead along the momentum)
     muon_ns_steps: int = 5  # Muon: Newton-Schulz iterations that orthogonalize each update
