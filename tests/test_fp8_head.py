@@ -62,7 +62,7 @@ def test_products_are_the_exact_ones_to_float8_rounding():
     x = torch.randn(64, 32, generator=generator, requires_grad=True)
     w = (0.02 * torch.randn(48, 32, generator=generator)).requires_grad_()
     grad = torch.randn(64, 48, generator=generator)
-    out = lever.FP8Linear.apply(x, w)
+    out = lever.FP8Linear.apply(x, w, grad.abs().max())
     out.backward(grad)
     exact_x, exact_w = x.detach().requires_grad_(), w.detach().requires_grad_()
     exact = exact_x @ exact_w.t()
@@ -80,6 +80,39 @@ def test_scales_use_the_whole_range_and_never_overflow():
     torch.testing.assert_close(t8.float() * scale, t, rtol=0.07, atol=1e-3)
     zeros8, zero_scale = lever.to_float8(torch.zeros(2, 2), torch.float8_e5m2)
     assert torch.count_nonzero(zeros8.float()) == 0 and zero_scale > 0  # no division by zero
+
+
+def test_a_gradient_past_its_bound_saturates_instead_of_overflowing():
+    t = torch.tensor([[1.0, -4.0], [0.5, 100.0]])
+    t8, scale = lever.to_float8(t, torch.float8_e5m2, torch.tensor(2.0))
+    largest = torch.finfo(torch.float8_e5m2).max
+    assert torch.isfinite(t8.float()).all() and t8.float().abs().max() == largest
+    assert (t8.float() * scale)[0, 0] == 1.0 and (t8.float() * scale)[1, 1] == 2.0  # clipped at the bound
+
+
+def test_the_models_gradient_bound_holds_and_is_tight(monkeypatch):
+    """GPT.forward scales the head's gradient by 1 / (scored targets): every logit's gradient is within it (a bound
+    that did not hold would clip gradients), and the largest is close to it (a loose one would waste float8's range)."""
+    seen = {}
+    original = lever.FP8Linear.apply
+
+    def spy(x, w, grad_bound):
+        out = original(x, w, grad_bound)
+        seen["bound"] = grad_bound
+        out.register_hook(lambda grad: seen.setdefault("grad", grad))
+        return out
+    monkeypatch.setattr(lever.FP8Linear, "apply", spy)
+    for pad_token, scored in ((-1, 64), (5, None)):
+        seen.clear()
+        model, cfg = build(lever, fp8_head=True, logit_softcap=15.0, pad_token=pad_token)
+        x, y = batch()
+        if scored is None:
+            y[:, :8] = pad_token  # 16 targets not scored
+            scored = int((y != pad_token).sum())
+        model(x, y).backward()
+        assert seen["bound"].item() == pytest.approx(1 / scored)
+        largest = seen["grad"].abs().max().item()
+        assert 0.5 * seen["bound"].item() < largest <= seen["bound"].item()
 
 
 def test_training_uses_it_and_evaluation_does_not(monkeypatch):
