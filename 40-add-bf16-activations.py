@@ -1,6 +1,6 @@
-"""Step 40 of the lineage: add short-window layers: all blocks but the first, middle and last see part of the window.
+"""Step 40 of the lineage: add bf16 activations: under autocast the residual stream is bfloat16, not float32.
 Parent: 39-add-fp8-lm-head.py
-Its switch is off until it is measured on bench100m. Off (--short_window_ratio=0), it is step 39.
+Its switch is off until it is measured on bench100m. Off (--bf16_activations=false), it is step 39.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
@@ -53,7 +53,7 @@ What each step added:
     37  --logit_softcap=15 by default: 15 * tanh(z / 15) on the LM head's logits (measured best; 0 = step 36)
     38  --muon_batched_ns: Muon stacks the matrices of one shape and runs Newton-Schulz on the stack at once
     39  --fp8_head: the LM head's three training products (logits, their input's and weight's gradients) in float8
-    40  --short_window_ratio: blocks other than the first, middle and last attend over this share of the window
+    40  --bf16_activations: under autocast the residual stream and the value embeddings in bfloat16, not float32
 """
 
 import copy
@@ -122,12 +122,12 @@ class Config:
     qk_norm: str = "rms"  # normalize queries and keys per head before attention: none, rms or l2
     qk_scale_max: float = 5.0  # QK norm: the learned per-head scales are clamped to at most this
     fp8_head: bool = False  # training: the LM head multiplies in float8 (e4m3, gradients e5m2), scaled per tensor
+    bf16_activations: bool = False  # under autocast: the residual stream in its dtype (bfloat16), not the weights'
     logit_softcap: float = 15.0  # > 0: logits become logit_softcap * tanh(logits / logit_softcap); 0 = off
     attention: str = "flex"  # sdpa (fused attention, causal) or flex (FlexAttention with a block mask, compiled on CUDA)
     doc_masking: bool = False  # attend only within a document (each starts with <|endoftext|>, token 50256)
     window: int = 2048  # sliding window: a query attends to at most this many latest keys, itself included; 0 = off
     window_unit: str = "block"  # token, or block: whole 128-token blocks, the query's own and window/128 - 1 before
-    short_window_ratio: float = 0.0  # > 0: blocks but the first, n_layer // 2 and the last see this share of the window
     attn_softcap: float = 0.0  # > 0: attention scores s become attn_softcap * tanh(s / attn_softcap); 0 = off
     attn_softcap_backend: str = "exact"  # the cap's tanh: exact, clamp (a hard cap at +-attn_softcap) or rational
     causal: bool = True  # false: each query attends to every key of its sequence, later ones too (an encoder)
@@ -262,15 +262,6 @@ class Rotary(nn.Module):
         cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-def long_window_layers(cfg):
-    """The blocks that keep the whole window when short_window_ratio is on (all of them when it is off): the
-    first, the middle and the last, so that long-range context enters early, midway and just before the head;
-    record #28 keeps it in 3 of its 12 blocks the same way."""
-    if not cfg.short_window_ratio:
-        return set(range(cfg.n_layer))
-    return {0, cfg.n_layer // 2, cfg.n_layer - 1}
 
 
 def mask_function(cfg, idx, window):
@@ -551,7 +542,7 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def attention_mask(self, idx, flex, window):
+    def attention_mask(self, idx, flex):
         """What every position may attend to, built once per forward for all blocks: None for SDPA's own causal
         mask (the parent's path), else the mask function as a BlockMask for FlexAttention (flex) or as a dense
         boolean mask for SDPA. A mask that is the same for every sequence is built for one and broadcast."""
@@ -560,21 +551,13 @@ class GPT(nn.Module):
                                                                      or self.cfg.attn_softcap):
             return None
         B, T = idx.size()
-        mask_mod = mask_function(self.cfg, idx, window)
+        mask_mod = mask_function(self.cfg, idx, self.window)
         if flex and self.cfg.blockmask_from_kv_blocks:
-            return block_mask_from_kv_blocks(self.cfg, idx, window, mask_mod)
+            return block_mask_from_kv_blocks(self.cfg, idx, self.window, mask_mod)
         if flex:
             return create_block_mask(mask_mod, B if per_sequence else None, None, T, T, device=idx.device,
                                      BLOCK_SIZE=FLEX_BLOCK_SIZE)
         return dense_mask(mask_mod, B if per_sequence else 1, T, idx.device)
-
-    def short_window(self):
-        """The short layers' width, from the current window (a tensor: a new width compiles nothing): its
-        short_window_ratio share, rounded down to whole 128-token blocks with window_unit=block, at least one."""
-        if self.cfg.window_unit == "block":
-            blocks = (self.window * self.cfg.short_window_ratio) // FLEX_BLOCK_SIZE
-            return blocks.clamp(min=1).to(self.window.dtype) * FLEX_BLOCK_SIZE
-        return (self.window * self.cfg.short_window_ratio).floor().clamp(min=1).to(self.window.dtype)
 
     def forward(self, idx, targets=None):
         B, T = idx.size()
@@ -584,16 +567,17 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if self.cfg.pos_emb == "absolute":
             x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
+        if self.cfg.bf16_activations and torch.is_autocast_enabled(idx.device.type):
+            # the embeddings are float32 like every weight, and the stream would stay so: every elementwise pass over
+            # it (norms, residual adds, x0 mixing) then moves twice the bytes, and backward saves twice the memory
+            x = x.to(torch.get_autocast_dtype(idx.device.type))
         # FlexAttention has no backward pass off CUDA: there the same mask function goes to SDPA as a dense mask
-        flex = self.cfg.attention == "flex" and idx.is_cuda
-        mask = self.attention_mask(idx, flex, self.window)
-        short_mask = self.attention_mask(idx, flex, self.short_window()) if self.cfg.short_window_ratio else mask
-        value_embeddings = [table(idx) for table in self.value_embeds]  # looked up once, shared by two blocks each
+        mask = self.attention_mask(idx, flex=self.cfg.attention == "flex" and idx.is_cuda)
+        value_embeddings = [table(idx).to(x.dtype) for table in self.value_embeds]  # looked up once, for two blocks
         x0 = x  # x0_mixing: every block mixes the embedding back in (blocks without it ignore x0)
         for layer, block in enumerate(self.transformer.h):
             table = value_embedding_table(self.cfg, layer)
-            layer_mask = mask if layer in long_window_layers(self.cfg) else short_mask
-            x = block(x, layer_mask, None if table is None else value_embeddings[table], x0)
+            x = block(x, mask, None if table is None else value_embeddings[table], x0)
         x = self.transformer.ln_f(x)
         if self.cfg.fp8_head and self.training and targets is not None:  # evaluation and sampling: the exact head
             # The loss is a mean over the scored targets of cross-entropies (through a soft-cap of slope <= 1), so no
@@ -1790,9 +1774,6 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--attention={cfg.attention!r} is not one of: sdpa, flex")
     if cfg.window < 0:
         raise ConfigError(f"--window={cfg.window} must be >= 0 (0 = full causal attention)")
-    if not 0 <= cfg.short_window_ratio < 1 or (cfg.short_window_ratio and not cfg.window):
-        raise ConfigError(f"--short_window_ratio={cfg.short_window_ratio} must be in [0, 1) (0 = off) and needs a "
-                          f"sliding window (--window={cfg.window}); set --window > 0 or --short_window_ratio=0")
     if cfg.window_unit not in ("token", "block"):
         raise ConfigError(f"--window_unit={cfg.window_unit!r} is not one of: token, block")
     if cfg.window_ramp_start < 1 or cfg.window_ramp_steps < 1:

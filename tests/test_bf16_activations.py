@@ -1,0 +1,87 @@
+"""--bf16_activations (step 40, off until measured): under autocast the residual stream (the embedding, every block's
+input and output) and the value embeddings are in autocast's dtype, bfloat16, where they were float32 like the
+weights. Without autocast nothing changes; off, the step is its parent (step 39)."""
+import pytest
+import torch
+
+from conftest import load_script, script_number, step_adding
+
+LEVER_SCRIPT = step_adding("bf16_activations")
+lever = load_script(LEVER_SCRIPT)
+parent_step = load_script(script_number(LEVER_SCRIPT) - 1)
+
+TINY = dict(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=64, window=0, window_ramp=False,
+            attention="sdpa", blockmask_from_kv_blocks=False, compile=False, learning_rate=1e-2, muon_lr=1e-2,
+            muon_update_scale="aspect", value_embeddings=1, x0_mixing=True)
+
+
+def build(module, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = module.Config(**{**TINY, **overrides})
+    return module.GPT(cfg), cfg
+
+
+def batch(seed=1, B=2, T=32):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, TINY["vocab_size"], (B, T + 1), generator=generator)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def train(model, cfg, module, steps, autocast=False):
+    optimizer = module.configure_optimizer(model, cfg, "cpu")
+    x, y = batch()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def stream_dtypes(model, autocast):
+    """The dtype of the residual stream entering each block, and of the value embedding it gets (if any)."""
+    seen = []
+    hooks = [block.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].dtype, None if args[2] is None else args[2].dtype)))
+        for block in model.transformer.h]
+    x, y = batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(x, y)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_off_by_default_and_off_is_the_parent():
+    assert lever.Config().bf16_activations is False and not hasattr(parent_step.Config, "bf16_activations")
+    model, cfg = build(lever)
+    parent, parent_cfg = build(parent_step)
+    assert train(model, cfg, lever, 3, autocast=True) == train(parent, parent_cfg, parent_step, 3, autocast=True)
+
+
+def test_under_autocast_the_stream_is_bfloat16():
+    on, _ = build(lever, bf16_activations=True)
+    off, _ = build(lever)
+    assert stream_dtypes(on, autocast=True) == [(torch.bfloat16, torch.bfloat16)] * 2
+    assert stream_dtypes(off, autocast=True) == [(torch.float32, torch.float32)] * 2
+
+
+def test_without_autocast_nothing_changes():
+    on, _ = build(lever, bf16_activations=True)
+    off, _ = build(lever)
+    assert stream_dtypes(on, autocast=False) == [(torch.float32, torch.float32)] * 2
+    x, y = batch()
+    with torch.no_grad():
+        assert torch.equal(on(x, y), off(x, y))
+
+
+def test_it_trains_and_follows_the_float32_stream():
+    model, cfg = build(lever, bf16_activations=True)
+    bf16 = train(model, cfg, lever, 8, autocast=True)
+    model, cfg = build(lever)
+    fp32 = train(model, cfg, lever, 8, autocast=True)
+    assert bf16[-1] < bf16[0] - 0.5
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, abs=0.1)
