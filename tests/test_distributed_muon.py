@@ -48,7 +48,9 @@ def worker(rank, world_size, store, out, script):
     params, blocks = muon_steps(load_script(script), "--muon_distributed=true")
     torch.save({"params": params, "blocks": blocks}, os.path.join(out, f"{rank}.pt"))
     dist.barrier()  # leave together: a rank that exits while another still talks to it aborts the other
-    dist.destroy_process_group()
+    # and leave at once: gloo's teardown at interpreter exit can abort a rank ("terminate called without an active
+    # exception", seen once in a full test run) after its results are saved; nothing is left to clean up here
+    os._exit(0)
 
 
 @pytest.mark.parametrize("script", scripts_from(28))

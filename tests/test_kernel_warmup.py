@@ -45,14 +45,20 @@ def test_warm_up_puts_everything_back(script, optimizer_name, tmp_path, monkeypa
 
     real_evaluate, moved = module.evaluate, []
 
-    def checking_evaluate(*args):  # by the validation, the throwaway steps have changed the weights
+    def checking_evaluate(*args, **kwargs):  # by the validation, the throwaway steps have changed the weights
         moved.append(not same(model.state_dict(), weights))
-        return real_evaluate(*args)
+        return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(module, "evaluate", checking_evaluate)
+    modes = []
+    hook = model.register_forward_pre_hook(lambda m, args: modes.append("train" if m.training else "eval"))
     module.warm_up_kernels(model, model, optimizer, loader, val, cfg, 0, 1, torch.device("cpu"),
                            torch.autocast("cpu", enabled=False))
+    hook.remove()
     assert moved == [True]
+    # one validation batch compiles the validation's kernels; the whole set (more batches here) would only cost time
+    B, T = module.val_shape(cfg)
+    assert cfg.val_tokens // (B * T) > 1 and modes == ["train"] * 3 + ["eval"]
     assert same(model.state_dict(), weights)
     assert same(optimizer.state_dict(), optimizer_state)
     assert loader.state_dict() == loader_state
