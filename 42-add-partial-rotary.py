@@ -1173,14 +1173,15 @@ class ShuffledValSet:
 
 
 @torch.no_grad()
-def evaluate(model, val_shards, cfg, rank, world_size, device, autocast):
+def evaluate(model, val_shards, cfg, rank, world_size, device, autocast, batches=0):
     """Mean loss over the first val_tokens tokens of the val split: the same tokens at every call. Each rank
     scores every world_size-th batch; all batches hold the same number of tokens, so the mean of the ranks'
-    means is the mean over the whole val set."""
+    means is the mean over the whole val set. batches > 0: only the first `batches` of each rank's batches."""
     model.eval()
     B, T = val_shape(cfg)
     loader = DataLoaderLite(val_shards, B, T, rank, world_size)  # no seed: file order
     steps = resolve_training(cfg, world_size).val_steps
+    steps = min(steps, batches) if batches else steps
     total = torch.zeros((), device=device)
     if cfg.val_sampling == "shuffled":  # batches of the same shape and number, of sequences from all over the split
         loader = ShuffledValSet(loader, cfg.val_tokens)
@@ -1935,7 +1936,8 @@ def warm_up_kernels(model, raw_model, optimizer, train_loader, val_shards, cfg, 
             loss = model(x.to(device), y.to(device))
         loss.backward()
         optimizer.step()
-    evaluate(model, val_shards, cfg, rank, world_size, device, autocast)
+    # one batch compiles the validation's kernels: the rest would only spend time (~7 s of bench100m's 160 batches)
+    evaluate(model, val_shards, cfg, rank, world_size, device, autocast, batches=1)
     optimizer.zero_grad(set_to_none=True)
     raw_model.load_state_dict(weights)  # copies into the same tensors: the compiled code still points at them
     optimizer.load_state_dict(optimizer_state)
