@@ -2,46 +2,12 @@
 from float8 products (torch._scaled_mm, which runs on the CPU too) with per-tensor scales. They stay within
 float8's rounding of the exact products, training still lowers the loss, evaluation keeps the exact head, and
 off the step is its parent (step 38)."""
-import os
-
 import pytest
 import torch
 
-from conftest import load_script, script_number, step_adding
+from lever_helpers import batch, build, lever_and_parent, train
 
-LEVER_SCRIPT = step_adding("fp8_head")
-lever = load_script(LEVER_SCRIPT)
-parent_step = load_script(script_number(LEVER_SCRIPT) - 1)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = dict(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=64, window=0, window_ramp=False,
-            attention="sdpa", blockmask_from_kv_blocks=False, compile=False, learning_rate=1e-2, muon_lr=1e-2,
-            muon_update_scale="aspect", value_embeddings=1)
-
-
-def build(module, seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = module.Config(**{**TINY, **overrides})
-    return module.GPT(cfg), cfg
-
-
-def batch(seed=1, B=2, T=32):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, TINY["vocab_size"], (B, T + 1), generator=generator)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-
-def train(model, cfg, module, steps):
-    optimizer = module.configure_optimizer(model, cfg, "cpu")
-    x, y = batch()
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+lever, parent_step = lever_and_parent("fp8_head")
 
 
 def relative_error(a, b):

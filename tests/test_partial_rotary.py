@@ -4,35 +4,9 @@ depends on content alone. At 1 it is the parent's RoPE (step 41); bad fractions 
 import pytest
 import torch
 
-from conftest import load_script, script_number, step_adding
+from lever_helpers import build, lever_and_parent, train
 
-LEVER_SCRIPT = step_adding("rope_fraction")
-lever = load_script(LEVER_SCRIPT)
-parent_step = load_script(script_number(LEVER_SCRIPT) - 1)
-
-TINY = dict(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=64, window=0, window_ramp=False,
-            attention="sdpa", blockmask_from_kv_blocks=False, compile=False, learning_rate=1e-2, muon_lr=1e-2,
-            muon_update_scale="aspect", value_embeddings=1)
-
-
-def build(module, seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = module.Config(**{**TINY, **overrides})
-    return module.GPT(cfg), cfg
-
-
-def train(model, cfg, module, steps):
-    optimizer = module.configure_optimizer(model, cfg, "cpu")
-    generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, TINY["vocab_size"], (2, 33), generator=generator)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+lever, parent_step = lever_and_parent("rope_fraction")
 
 
 def test_off_by_default_and_off_is_the_parent():

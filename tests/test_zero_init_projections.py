@@ -3,42 +3,9 @@ at zero, so every block starts as the identity on the residual stream; everythin
 Off, the step is its parent (step 40)."""
 import torch
 
-from conftest import load_script, script_number, step_adding
+from lever_helpers import TINY, batch, build, lever_and_parent, train
 
-LEVER_SCRIPT = step_adding("zero_init_projections")
-lever = load_script(LEVER_SCRIPT)
-parent_step = load_script(script_number(LEVER_SCRIPT) - 1)
-
-TINY = dict(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=64, window=0, window_ramp=False,
-            attention="sdpa", blockmask_from_kv_blocks=False, compile=False, learning_rate=1e-2, muon_lr=1e-2,
-            muon_update_scale="aspect", value_embeddings=1, muon_momentum_warmup_steps=0)
-
-
-def build(module, seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = module.Config(**{**TINY, **overrides})
-    return module.GPT(cfg), cfg
-
-
-def batch(seed=1, B=2, T=32):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, TINY["vocab_size"], (B, T + 1), generator=generator)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-
-def train(model, cfg, module, steps, after_step=None):
-    optimizer = module.configure_optimizer(model, cfg, "cpu")
-    x, y = batch()
-    losses = []
-    for step in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if after_step:
-            after_step(step)
-    return losses
+lever, parent_step = lever_and_parent("zero_init_projections")
 
 
 def projections(model):

@@ -1,0 +1,48 @@
+"""What the tests of a lever step (38 on) share: the step and its parent, a tiny model of either, one fixed batch,
+and a few optimizer steps on it. Each lever's own test file then checks what its switch claims."""
+import torch
+
+from conftest import load_script, script_number, step_adding
+
+# 2 blocks of width 64 on SDPA (FlexAttention has no backward on the CPU), a value-embedding table, plain rates
+TINY = dict(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=64, window=0, window_ramp=False,
+            attention="sdpa", blockmask_from_kv_blocks=False, compile=False, learning_rate=1e-2, muon_lr=1e-2,
+            muon_update_scale="aspect", value_embeddings=1)
+
+
+def lever_and_parent(field):
+    """The step whose Config first has `field`, and its parent step, both loaded."""
+    script = step_adding(field)
+    return load_script(script), load_script(script_number(script) - 1)
+
+
+def build(module, seed=0, **overrides):
+    """(model, cfg): a tiny GPT of `module`, its weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    cfg = module.Config(**{**TINY, **overrides})
+    return module.GPT(cfg), cfg
+
+
+def batch(seed=1, B=2, T=32):
+    """(inputs, targets): B random sequences of T tokens and the same shifted by one."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, TINY["vocab_size"], (B, T + 1), generator=generator)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def train(model, cfg, module, steps, autocast=False, after_step=None):
+    """The losses of `steps` optimizer steps on batch(), optionally under CPU bf16 autocast; after_step(step) runs
+    after each optimizer step."""
+    optimizer = module.configure_optimizer(model, cfg, "cpu")
+    x, y = batch()
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if after_step:
+            after_step(step)
+    return losses
