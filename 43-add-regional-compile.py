@@ -1,6 +1,6 @@
 """Step 43 of the lineage: add regional compilation: each block and the head compiled on their own, not the model.
 Parent: 42-add-partial-rotary.py
-Its switch is off until it is measured on bench100m. Off (--compile_scope=model), it is step 42.
+Off by default: compile + warm-up 41 s, not 87 s, but 2.7% fewer tokens/s (bench/RESULTS.md 2026-11-26 (e)).
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
@@ -112,11 +112,11 @@ class Config:
     n_head: int = 16  # attention heads per block
     n_embd: int = 1024  # width of the residual stream
     residual_scaling: str = "forward"  # 1/sqrt(2 * n_layer) on the blocks' outputs: init (in their start) or forward
-    zero_init_projections: bool = False  # the blocks' output projections start at zero: each block adds 0 at step 0
+    zero_init_projections: bool = True  # the blocks' output projections start at zero: each block adds 0 at step 0
     norm: str = "rmsnorm"  # layernorm (mean and variance, gain and bias) or rmsnorm (root mean square, gain)
     pos_emb: str = "rotary"  # absolute (a learned vector per position), rotary (RoPE) or none
-    rope_base: float = 500000.0  # rotary only: the base of the rotation frequencies
-    rope_fraction: float = 1.0  # rotary only: the fraction of each head's channel pairs that rotate; the rest do not
+    rope_base: float = 1024.0  # rotary only: the base of the rotation frequencies
+    rope_fraction: float = 0.5  # rotary only: the fraction of each head's channel pairs that rotate; the rest do not
     bias: bool = False  # biases in the linear layers and LayerNorms
     x0_mixing: bool = True  # before each block x <- a*x + b*x0 (x0: the embedding), learned a, b per block from 1, 0
     activation: str = "relu2"  # MLP non-linearity: gelu, relu, relu2 (ReLU squared), silu or swiglu
@@ -127,8 +127,8 @@ class Config:
     value_embeddings: int = 2  # N tables of token vectors added to the values of the first N and last N blocks; 0 = off
     qk_norm: str = "rms"  # normalize queries and keys per head before attention: none, rms or l2
     qk_scale_max: float = 5.0  # QK norm: the learned per-head scales are clamped to at most this
-    fp8_head: bool = False  # training: the LM head multiplies in float8 (e4m3, gradients e5m2), scaled per tensor
-    bf16_activations: bool = False  # under autocast: the residual stream in its dtype (bfloat16), not the weights'
+    fp8_head: bool = True  # training: the LM head multiplies in float8 (e4m3, gradients e5m2), scaled per tensor
+    bf16_activations: bool = True  # under autocast: the residual stream in its dtype (bfloat16), not the weights'
     logit_softcap: float = 15.0  # > 0: logits become logit_softcap * tanh(logits / logit_softcap); 0 = off
     attention: str = "flex"  # sdpa (fused attention, causal) or flex (FlexAttention with a block mask, compiled on CUDA)
     doc_masking: bool = False  # attend only within a document (each starts with <|endoftext|>, token 50256)
@@ -177,7 +177,7 @@ class Config:
     muon_update_scale: str = "max_dim"  # Muon: aspect = sqrt(max(1, rows/cols)); max_dim = sqrt(max(rows, cols))
     grad_norm_type: float = 2.0  # the p of the p-norm that is measured and clipped (inf = the largest entry)
     muon_distributed: bool = True  # under torchrun, each rank orthogonalizes a share of Muon's matrices, not all
-    muon_batched_ns: bool = False  # Muon: the matrices of one shape orthogonalized as one stack (few, larger kernels)
+    muon_batched_ns: bool = True  # Muon: the matrices of one shape orthogonalized as one stack (few, larger kernels)
     # evaluation
     val_every: int = 50  # validate every N steps and after the last one; 0 = only after the last step
     val_tokens: int = 10485760  # tokens scored per validation, from the start of the val split
@@ -1960,11 +1960,21 @@ def eager_regions(cfg):
     return torch.compiler.set_stance("force_eager") if cfg.compile and cfg.compile_scope == "blocks" else nullcontext()
 
 
+def check_device(cfg, device):
+    """What the config asks of the card, checked before any GPU work: float8 products need compute capability 8.9
+    (Ada, Hopper and newer); the CPU has them in software."""
+    if cfg.fp8_head and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"--fp8_head needs float8 matmuls (compute capability 8.9 or newer); "
+                          f"{torch.cuda.get_device_name(device)} is {major}.{minor}: set --fp8_head=false")
+
+
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     if cfg.sample_only:
         return sample_from_checkpoint(cfg)
     rank, _, world_size, device = setup_distributed(cfg.device)
+    check_device(cfg, device)
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same seed on every rank: identical initial models
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer

@@ -32,7 +32,9 @@ RECIPE_STEPS = (30, 31)
 # builds the parent's model (the switch off). A switch may default on where it measurably pays
 # (../shared/LINEAGE.md), so tests name these values, not the defaults.
 SPEED_SWITCHES_OFF = {"async_batches": False, "value_embeddings": 0, "x0_mixing": False,
-                      "muon_momentum_warmup_steps": 0, "logit_softcap": 0.0}
+                      "muon_momentum_warmup_steps": 0, "logit_softcap": 0.0, "muon_batched_ns": False,
+                      "fp8_head": False, "bf16_activations": False, "zero_init_projections": False,
+                      "rope_fraction": 1.0, "rope_base": 500000.0}
 
 
 def step_adding(field):

@@ -1,4 +1,4 @@
-"""--muon_batched_ns (step 38, off until measured): Muon orthogonalizes the matrices of one shape as one stack.
+"""--muon_batched_ns (step 38, on by default): Muon orthogonalizes the matrices of one shape as one stack.
 The updates are the block-by-block ones (same math, batched products), Newton-Schulz runs once per shape, and
 off the step trains exactly as its parent (step 37)."""
 import os
@@ -23,9 +23,9 @@ def count_newton_schulz(monkeypatch, module):
     return shapes
 
 
-def test_off_by_default_and_off_is_the_parent():
-    assert lever.Config().muon_batched_ns is False and not hasattr(parent_step.Config, "muon_batched_ns")
-    model, cfg = build(lever)
+def test_on_by_default_and_off_is_the_parent():
+    assert lever.Config().muon_batched_ns is True and not hasattr(parent_step.Config, "muon_batched_ns")
+    model, cfg = build(lever, muon_batched_ns=False)
     parent, parent_cfg = build(parent_step)
     assert train(model, cfg, lever, 3) == train(parent, parent_cfg, parent_step, 3)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), parent.state_dict().values()))
@@ -39,7 +39,7 @@ def test_newton_schulz_runs_once_per_shape(monkeypatch):
     train(model, cfg, lever, 1)
     assert sorted(shapes) == sorted([(8, 64, 64), (2, 128, 64), (2, 64, 128)])
     shapes.clear()
-    model, cfg = build(lever)
+    model, cfg = build(lever, muon_batched_ns=False)
     train(model, cfg, lever, 1)
     assert len(shapes) == 12 and all(len(shape) == 2 for shape in shapes)
 
@@ -64,7 +64,7 @@ def test_on_trains_as_off():
     """Same model, same batches: the losses of 6 steps agree to float32 rounding, and they fall."""
     model, cfg = build(lever, muon_batched_ns=True)
     batched = train(model, cfg, lever, 6)
-    model, cfg = build(lever)
+    model, cfg = build(lever, muon_batched_ns=False)
     torch.testing.assert_close(batched, train(model, cfg, lever, 6), rtol=1e-4, atol=1e-4)
     assert batched[-1] < batched[0] - 0.3
 

@@ -1,4 +1,4 @@
-"""--fp8_head (step 39, off until measured): in training, the LM head's logits and both of its gradients come
+"""--fp8_head (step 39, on by default): in training, the LM head's logits and both of its gradients come
 from float8 products (torch._scaled_mm, which runs on the CPU too) with per-tensor scales. They stay within
 float8's rounding of the exact products, training still lowers the loss, evaluation keeps the exact head, and
 off the step is its parent (step 38)."""
@@ -14,11 +14,14 @@ def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_off_by_default_and_off_is_the_parent():
-    assert lever.Config().fp8_head is False and not hasattr(parent_step.Config, "fp8_head")
-    model, cfg = build(lever)
+def test_on_by_default_and_off_is_the_parent():
+    assert lever.Config().fp8_head is True and not hasattr(parent_step.Config, "fp8_head")
+    model, cfg = build(lever, fp8_head=False)
     parent, parent_cfg = build(parent_step)
-    assert train(model, cfg, lever, 3) == train(parent, parent_cfg, parent_step, 3)
+    parent_losses = train(parent, parent_cfg, parent_step, 3)
+    assert train(model, cfg, lever, 3) == parent_losses
+    default, default_cfg = build(lever)
+    assert train(default, default_cfg, lever, 3) != parent_losses
 
 
 def test_products_are_the_exact_ones_to_float8_rounding():
@@ -92,7 +95,7 @@ def test_training_uses_it_and_evaluation_does_not(monkeypatch):
     model.eval()
     x, y = batch()
     with torch.no_grad():
-        exact, _ = build(lever)
+        exact, _ = build(lever, fp8_head=False)
         exact.load_state_dict(model.state_dict())
         exact.eval()
         assert torch.equal(model(x, y), exact(x, y))
@@ -102,7 +105,7 @@ def test_training_uses_it_and_evaluation_does_not(monkeypatch):
 def test_fp8_losses_follow_the_exact_ones():
     model, cfg = build(lever, fp8_head=True)
     fp8 = train(model, cfg, lever, 6)
-    model, cfg = build(lever)
+    model, cfg = build(lever, fp8_head=False)
     exact = train(model, cfg, lever, 6)
     assert fp8 != exact and fp8 == pytest.approx(exact, abs=0.05)
 
@@ -111,3 +114,16 @@ def test_shapes_float8_cannot_tile_are_refused():
     with pytest.raises(SystemExit, match="--fp8_head needs --n_embd, --vocab_size and --block_size multiples of 16"):
         lever.parse_config(["--fp8_head=true", "--vocab_size=50257"])
     assert lever.parse_config(["--fp8_head=true"]).fp8_head is True
+
+
+def test_cards_without_float8_are_refused_before_any_gpu_work(monkeypatch):
+    """On an Ampere card (8.0) the default fails at once and names the fix; Hopper (9.0) and the CPU pass."""
+    monkeypatch.setattr(lever.torch.cuda, "get_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(lever.torch.cuda, "get_device_capability", lambda device: (8, 0))
+    with pytest.raises(SystemExit, match=r"--fp8_head needs float8 matmuls .* A100-SXM4-80GB is 8.0: set --fp8_head=false"):
+        lever.check_device(lever.Config(), cuda)
+    lever.check_device(lever.Config(fp8_head=False), cuda)
+    monkeypatch.setattr(lever.torch.cuda, "get_device_capability", lambda device: (9, 0))
+    lever.check_device(lever.Config(), cuda)
+    lever.check_device(lever.Config(), torch.device("cpu"))

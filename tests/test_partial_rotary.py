@@ -1,4 +1,4 @@
-"""--rope_fraction (step 42, off until measured): RoPE rotates the first fraction of each head's channel pairs, with
+"""--rope_fraction (step 42, on by default: half the pairs, base 1024): RoPE rotates the first fraction of each head's channel pairs, with
 frequencies from 1 down to about 1/rope_base, and leaves the other pairs unrotated: their part of a query-key product
 depends on content alone. At 1 it is the parent's RoPE (step 41); bad fractions are refused."""
 import pytest
@@ -9,10 +9,11 @@ from lever_helpers import build, lever_and_parent, train
 lever, parent_step = lever_and_parent("rope_fraction")
 
 
-def test_off_by_default_and_off_is_the_parent():
-    assert lever.Config().rope_fraction == 1.0 and not hasattr(parent_step.Config, "rope_fraction")
+def test_on_by_default_and_off_is_the_parent():
+    assert (lever.Config().rope_fraction, lever.Config().rope_base) == (0.5, 1024.0)
+    assert not hasattr(parent_step.Config, "rope_fraction") and parent_step.Config().rope_base == 500000.0
     assert torch.equal(lever.Rotary(64, 16, 500000.0).cos, parent_step.Rotary(64, 16, 500000.0).cos)
-    model, cfg = build(lever)
+    model, cfg = build(lever, rope_fraction=1.0, rope_base=500000.0)
     parent, parent_cfg = build(parent_step)
     assert train(model, cfg, lever, 3) == train(parent, parent_cfg, parent_step, 3)
 

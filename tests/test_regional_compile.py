@@ -1,4 +1,4 @@
-"""--compile_scope (step 43, off until measured): with compile on, `blocks` compiles each transformer block and the
+"""--compile_scope (step 43, off by default: it trades tokens/s for compile time): with compile on, `blocks` compiles each transformer block and the
 head (final norm, LM head, loss) as regions of their own instead of the whole model as one graph. Here with dynamo's
 eager backend (the regions are traced; nothing goes to inductor, so the test takes seconds): the right regions, the
 same losses as an uncompiled run, nothing traced again after the first steps; `model` (the default) is step 42's."""

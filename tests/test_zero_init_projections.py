@@ -1,4 +1,4 @@
-"""--zero_init_projections (step 41, off until measured): the attention's and the MLP's output projections start
+"""--zero_init_projections (step 41, on by default): the attention's and the MLP's output projections start
 at zero, so every block starts as the identity on the residual stream; everything else starts as in the parent.
 Off, the step is its parent (step 40)."""
 import torch
@@ -12,16 +12,19 @@ def projections(model):
     return {name for name, module in model.named_modules() if getattr(module, "residual_projection", False)}
 
 
-def test_off_by_default_and_off_is_the_parent():
-    assert lever.Config().zero_init_projections is False and not hasattr(parent_step.Config, "zero_init_projections")
-    model, cfg = build(lever)
+def test_on_by_default_and_off_is_the_parent():
+    assert lever.Config().zero_init_projections is True and not hasattr(parent_step.Config, "zero_init_projections")
+    default, _ = build(lever)
+    assert all(torch.count_nonzero(module.weight) == 0 for name, module in default.named_modules()
+               if name in projections(default))
+    model, cfg = build(lever, zero_init_projections=False)
     parent, parent_cfg = build(parent_step)
     assert train(model, cfg, lever, 3) == train(parent, parent_cfg, parent_step, 3)
 
 
 def test_only_the_output_projections_start_at_zero():
     on, _ = build(lever, zero_init_projections=True)
-    off, _ = build(lever)
+    off, _ = build(lever, zero_init_projections=False)
     zeroed = {f"{name}.weight" for name in projections(on)}
     assert len(zeroed) == 2 * TINY["n_layer"]
     for (name, a), (_, b) in zip(on.named_parameters(), off.named_parameters()):
