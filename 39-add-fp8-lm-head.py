@@ -432,8 +432,13 @@ class CausalSelfAttention(nn.Module):
         elif isinstance(mask, BlockMask):  # eager flex_attention runs forward only: off CUDA, it is a reference
             # inside a compiled model flex_attention is compiled with the rest; called eagerly, it needs its own
             flex = compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+            packed = mask.seq_lengths[0] != T  # the B sequences as one (GPT.attention_mask, with documents)
+            if packed:
+                q, k, v = (t.transpose(0, 1).reshape(1, t.size(1), B * T, t.size(3)) for t in (q, k, v))
             y = flex(q, k, v, score_mod=self.capped_score if self.attn_softcap else None, block_mask=mask,
                      enable_gqa=gqa)
+            if packed:
+                y = y.reshape(y.size(1), B, T, y.size(3)).transpose(0, 1)  # back to (B, n_head, T, head_dim)
         elif self.attn_softcap:
             y = capped_attention(q, k, v, mask, self.attn_softcap, self.attn_softcap_backend)
         else:
@@ -549,6 +554,12 @@ class GPT(nn.Module):
                                                                      or self.cfg.attn_softcap):
             return None
         B, T = idx.size()
+        if flex and self.cfg.blockmask_from_kv_blocks and self.cfg.doc_masking and T % FLEX_BLOCK_SIZE == 0:
+            # Documents: the micro-batch as one sequence of B*T tokens (batch 1), each sequence's first token a
+            # document start, so no query sees another sequence; the attention packs q, k and v to match. With a
+            # mask per sequence, (B, T), the compiled model failed on the GPU (bench/RESULTS.md 2026-11-26 (e)).
+            idx = torch.where(torch.arange(T, device=idx.device) == 0, EOT, idx).view(1, B * T)
+            return block_mask_from_kv_blocks(self.cfg, idx, self.window, mask_function(self.cfg, idx, self.window))
         mask_mod = mask_function(self.cfg, idx, self.window)
         if flex and self.cfg.blockmask_from_kv_blocks:
             return block_mask_from_kv_blocks(self.cfg, idx, self.window, mask_mod)

@@ -72,6 +72,16 @@ def test_kv_blocks_allow_what_create_block_mask_allows(script, module, options, 
     idx = tokens_with_documents(T=T)
     reference, fast, dense = both_block_masks(module, options, idx)
     assert isinstance(fast, module.BlockMask) and fast.mask_mod is not None
+    if "--doc_masking=true" in options and T % BLOCK == 0:  # documents: the B sequences packed into one
+        packed_length = idx.numel()
+        assert fast.seq_lengths == (packed_length, packed_length)
+        # each sequence's own mask on the diagonal, nothing across sequences
+        assert torch.equal(implied_mask(fast, packed_length)[0, 0], torch.block_diag(*dense[:, 0]))
+        reference = module.create_block_mask(fast.mask_mod, None, None, packed_length, packed_length,
+                                             device="cpu", BLOCK_SIZE=BLOCK)
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+            assert torch.equal(getattr(fast, name), getattr(reference, name)), name
+        return
     assert fast.seq_lengths == reference.seq_lengths == (T, T) and fast.BLOCK_SIZE == (BLOCK, BLOCK)
     assert torch.equal(implied_mask(fast, T), implied_mask(reference, T))
     assert torch.equal(implied_mask(fast, T), dense.expand_as(implied_mask(fast, T)))  # what SDPA gets on a CPU
@@ -102,14 +112,41 @@ def test_tiles_of_a_window_narrower_than_a_tile(script, module):
 
 @pytest.mark.parametrize("script", scripts_from(27))
 def test_documents_give_each_sequence_its_tiles(script, module):
-    """One block mask per sequence with documents: a document boundary on a tile edge makes the tiles before it
-    skipped for the queries after it."""
+    """With documents the micro-batch is one sequence of B*T tokens (record #28's layout): each sequence's tiles lie
+    on the diagonal, no tile crosses from one sequence to another, and a document boundary on a tile edge makes the
+    tiles before it skipped for the queries after it."""
     idx = torch.randint(0, 50000, (2, 512), generator=torch.Generator().manual_seed(1))
     idx[0, 256] = 50256  # sequence 0: documents 0-255 and 256-511; sequence 1: one document
     _, fast, _ = both_block_masks(module, ["--doc_masking=true"], idx)
-    full = tile_flags(fast.full_kv_num_blocks, fast.full_kv_indices)[:, 0].int().tolist()
-    assert full[0] == [[0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]]
-    assert full[1] == [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+    full = tile_flags(fast.full_kv_num_blocks, fast.full_kv_indices)[0, 0].int().tolist()
+    assert full == [[0, 0, 0, 0, 0, 0, 0, 0],
+                    [1, 0, 0, 0, 0, 0, 0, 0],
+                    [0, 0, 0, 0, 0, 0, 0, 0],
+                    [0, 0, 1, 0, 0, 0, 0, 0],
+                    [0, 0, 0, 0, 0, 0, 0, 0],
+                    [0, 0, 0, 0, 1, 0, 0, 0],
+                    [0, 0, 0, 0, 1, 1, 0, 0],
+                    [0, 0, 0, 0, 1, 1, 1, 0]]
+    assert tile_flags(fast.kv_num_blocks, fast.kv_indices)[0, 0].int().tolist() == torch.eye(8).int().tolist()
+
+
+@pytest.mark.parametrize("script", scripts_from(27))
+@pytest.mark.parametrize("options", [[], ["--window=100"], ["--window_unit=block", "--window=256"],
+                                     ["--causal=false", "--window=200"]], ids=lambda o: " ".join(o) or "causal")
+def test_packed_documents_attend_as_each_sequence_alone(script, module, options):
+    """The attention over the packed micro-batch (eager flex, forward) gives each sequence what SDPA gives it with
+    the per-sequence dense mask; a sequence whose length is not a whole number of tiles keeps its own mask."""
+    for T in (512, 300):
+        idx = tokens_with_documents(T=T)
+        cfg = module.parse_config(SMALL + options + ["--doc_masking=true", "--blockmask_from_kv_blocks=true"])
+        torch.manual_seed(0)
+        model = module.GPT(cfg)
+        block_mask, dense = model.attention_mask(idx, flex=True), model.attention_mask(idx, flex=False)
+        assert block_mask.seq_lengths == ((idx.numel(),) * 2 if T % BLOCK == 0 else (T, T))
+        h = torch.randn(idx.size(0), T, 32, generator=torch.Generator().manual_seed(1))
+        attention = model.transformer.h[0].attn
+        with torch.no_grad():
+            torch.testing.assert_close(attention(h, block_mask), attention(h, dense), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("script", scripts_from(27))
@@ -135,7 +172,8 @@ def test_the_window_changes_without_recompiling(script, module):
     wide = compiled(idx)
     assert len(graphs) == 1
     assert not torch.equal(narrow[2], wide[2])  # with 300, some tiles are full
-    reference = module.GPT(module.parse_config(SMALL + ["--window=300", "--doc_masking=true"]))
+    reference = module.GPT(module.parse_config(SMALL + ["--window=300", "--doc_masking=true",
+                                                        "--blockmask_from_kv_blocks=true"]))
     assert torch.equal(wide[2], reference.attention_mask(idx, flex=True).full_kv_num_blocks)
 
 
