@@ -205,7 +205,8 @@ PRESETS = {
     "demo": dict(data="input.txt", block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=1,
                  total_batch_size=1024, max_steps=200, warmup_steps=20, learning_rate=1e-3, val_every=50,
                  val_tokens=16384, sample_every=100, sample_prompts="ROMEO:|First Citizen:",
-                 compile=False, kernel_warmup_steps=0, lr_decay_tokens=0, val_target=0.0, window=0, window_ramp=False),
+                 compile=False, kernel_warmup_steps=0, lr_decay_tokens=0, val_target=0.0, window=0, window_ramp=False,
+                 fp8_head=False),  # float8 pays on big GPUs; MPS has none
     # The project's benchmark (RECIPES.md): the 4.87-min recipe on 100,663,296 tokens with half its tokens per step
     # (768 x 131,072) and the window's steps doubled to match: 128 until step 80, then +128 every 80 steps (1,280 at
     # the end). The learning rate holds, then falls linearly over the last 45% of the steps to 0.1x; val every 64.
@@ -1942,7 +1943,9 @@ def warm_up_kernels(model, raw_model, optimizer, train_loader, val_shards, cfg, 
 
 def check_device(cfg, device):
     """What the config asks of the card, checked before any GPU work: float8 products need compute capability 8.9
-    (Ada, Hopper and newer); the CPU has them in software."""
+    (Ada, Hopper and newer); the CPU has them in software, Apple's MPS not at all."""
+    if cfg.fp8_head and device.type == "mps":
+        raise ConfigError("--fp8_head needs float8 matmuls, which MPS does not have: set --fp8_head=false")
     if cfg.fp8_head and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
         raise ConfigError(f"--fp8_head needs float8 matmuls (compute capability 8.9 or newer); "

@@ -117,7 +117,7 @@ def test_shapes_float8_cannot_tile_are_refused():
 
 
 def test_cards_without_float8_are_refused_before_any_gpu_work(monkeypatch):
-    """On an Ampere card (8.0) the default fails at once and names the fix; Hopper (9.0) and the CPU pass."""
+    """On an Ampere card (8.0) or MPS the default fails at once and names the fix; Hopper (9.0) and the CPU pass."""
     monkeypatch.setattr(lever.torch.cuda, "get_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(lever.torch.cuda, "get_device_capability", lambda device: (8, 0))
@@ -127,3 +127,5 @@ def test_cards_without_float8_are_refused_before_any_gpu_work(monkeypatch):
     monkeypatch.setattr(lever.torch.cuda, "get_device_capability", lambda device: (9, 0))
     lever.check_device(lever.Config(), cuda)
     lever.check_device(lever.Config(), torch.device("cpu"))
+    with pytest.raises(SystemExit, match="--fp8_head needs float8 matmuls, which MPS does not have"):
+        lever.check_device(lever.Config(), torch.device("mps"))
