@@ -48,7 +48,14 @@ def device_time_us(event):
 
 
 def is_kernel(event):
-    return str(getattr(event, "device_type", "")).endswith("CUDA")
+    """A GPU kernel: on the device and not a user annotation. The profiler also puts each annotated range
+    (ProfilerStep#N, Optimizer.step#..., record_function) on the GPU's timeline, with every kernel inside it as its
+    own time: counted as kernels, they double the busy time (bench/RESULTS.md 2026-11-26 (f))."""
+    return str(getattr(event, "device_type", "")).endswith("CUDA") and not getattr(event, "is_user_annotation", False)
+
+
+def kernel_events(events):
+    return [e for e in events if is_kernel(e) and device_time_us(e) > 0]
 
 
 def load_script(path):
@@ -61,7 +68,7 @@ def load_script(path):
 
 def report(events, script_args, skip, steps, step_ms):
     """The text of profile.txt: per-group kernel time, the user ranges of the optimizers, the table."""
-    kernels = [e for e in events if is_kernel(e) and device_time_us(e) > 0]
+    kernels = kernel_events(events)
     busy = sum(device_time_us(e) for e in kernels)
     groups = collections.Counter()
     for event in kernels:

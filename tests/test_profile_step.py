@@ -3,6 +3,7 @@ for (its steps, the wall time per step, the ops' table), refuses a run too short
 script's overrides before anything is written."""
 import importlib.util
 import os
+import types
 
 import pytest
 
@@ -49,3 +50,15 @@ def test_a_bad_override_fails_before_anything_is_written(tmp_path):
     with pytest.raises(SystemExit, match="--n_layer"):
         profile_step.main(["--out", str(tmp_path / "prof"), NEWEST, "--n_layer=x"])
     assert not (tmp_path / "prof").exists()
+
+
+def test_gpu_side_annotations_are_not_counted_as_kernels():
+    """The profiler puts each annotated range (the step, the optimizer's step) on the GPU timeline with the time of
+    every kernel inside it: counted as a kernel, it doubles the GPU's busy time (step 43's first profile)."""
+    def event(key, device, annotation, us):
+        return types.SimpleNamespace(key=key, device_type=f"DeviceType.{device}", is_user_annotation=annotation,
+                                     self_device_time_total=us)
+    kernel = event("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "CUDA", False, 900)
+    events = [kernel, event("ProfilerStep*", "CUDA", True, 1000), event("Optimizer.step#Muon.step", "CUDA", True, 50),
+              event("aten::mm", "CPU", False, 900), event("triton_poi_fused_add_0", "CUDA", False, 0)]
+    assert profile_step.kernel_events(events) == [kernel]

@@ -1,0 +1,31 @@
+"""bench/head_microbench.py: on a tiny head on the CPU, every variant computes the same loss (float8 within its
+rounding), and an unknown variant fails before any work."""
+import importlib.util
+import os
+
+import pytest
+
+from conftest import REPO, SCRIPTS
+
+spec = importlib.util.spec_from_file_location("head_microbench", os.path.join(REPO, "bench", "head_microbench.py"))
+head_microbench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(head_microbench)
+NEWEST = os.path.join(REPO, SCRIPTS[-1])
+TINY = ["--script", NEWEST, "--tokens=64", "--n_embd=32", "--vocab_size=256", "--iters=2", "--compile=0",
+        "--device=cpu"]
+
+
+def losses(lines):
+    return {line.split(": ")[0]: float(line.rsplit("loss ", 1)[1]) for line in lines}
+
+
+def test_the_variants_compute_the_same_loss():
+    result = losses(head_microbench.main(TINY + ["bf16", "fp8", "script:FP8Linear"]))
+    assert set(result) == {"bf16", "fp8", "script:FP8Linear"}
+    assert result["fp8"] == result["script:FP8Linear"]
+    assert result["fp8"] == pytest.approx(result["bf16"], rel=0.01)
+
+
+def test_an_unknown_variant_fails_before_any_work():
+    with pytest.raises(SystemExit, match="script:NoSuchFunction"):
+        head_microbench.main(TINY + ["bf16", "script:NoSuchFunction"])
