@@ -28,8 +28,10 @@ def load_script(path):
     return module
 
 
-def head_and_loss(module, variant, softcap):
-    """loss(x, w, targets) as the script's GPT.head computes it in training, with the head's product by `variant`."""
+def head_and_loss(module, variant, softcap, softcap_form="tanh"):
+    """loss(x, w, targets) as the script's GPT.head computes it in training, with the head's product by `variant`.
+    softcap_form=sigmoid caps as 2c * sigmoid(z / (c/2)) (record #28's form): that is c * tanh(z / c) + c, the same
+    cross-entropy (a softmax ignores a constant shift) by another kernel."""
     if variant == "bf16":
         product = None
     elif variant == "fp8":
@@ -45,7 +47,9 @@ def head_and_loss(module, variant, softcap):
             logits = x @ w.to(x.dtype).t()
         else:
             logits = product.apply(x, w, torch.tensor(1.0 / targets.numel(), device=x.device))
-        if softcap > 0:
+        if softcap > 0 and softcap_form == "sigmoid":
+            logits = 2 * softcap * torch.sigmoid(logits.float() / (softcap / 2))
+        elif softcap > 0:
             logits = softcap * torch.tanh(logits.float() / softcap)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
     return loss
@@ -58,13 +62,16 @@ def main(argv=None):
     parser.add_argument("--n_embd", type=int, default=1024)
     parser.add_argument("--vocab_size", type=int, default=50304)
     parser.add_argument("--softcap", type=float, default=15.0, help="the logits' soft-cap; 0 = off")
+    parser.add_argument("--softcap_form", choices=("tanh", "sigmoid"), default="tanh",
+                        help="c * tanh(z / c) (the scripts') or 2c * sigmoid(2z / c) (the same loss, record #28's)")
     parser.add_argument("--iters", type=int, default=10, help="timed runs per variant")
     parser.add_argument("--compile", type=int, default=1, help="torch.compile each variant (0 = eager)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("variants", nargs="+", help="bf16, fp8 or script:NAME")
     args = parser.parse_args(argv)
     module = load_script(args.script)
-    functions = {variant: head_and_loss(module, variant, args.softcap) for variant in args.variants}  # fail early
+    # every variant is resolved before any work: a bad name fails at once
+    functions = {variant: head_and_loss(module, variant, args.softcap, args.softcap_form) for variant in args.variants}
     device = torch.device(args.device)
     generator = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(args.tokens, args.n_embd, device=device, generator=generator).to(torch.bfloat16)

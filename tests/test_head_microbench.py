@@ -26,6 +26,13 @@ def test_the_variants_compute_the_same_loss():
     assert result["fp8"] == pytest.approx(result["bf16"], rel=0.01)
 
 
+def test_the_sigmoid_form_of_the_cap_is_the_same_loss():
+    tanh = losses(head_microbench.main(TINY + ["--softcap=0.1", "bf16"]))["bf16"]
+    sigmoid = losses(head_microbench.main(TINY + ["--softcap=0.1", "--softcap_form=sigmoid", "bf16"]))["bf16"]
+    uncapped = losses(head_microbench.main(TINY + ["--softcap=0", "bf16"]))["bf16"]
+    assert sigmoid == pytest.approx(tanh, abs=1e-3) and abs(uncapped - tanh) > 1e-3
+
+
 def test_an_unknown_variant_fails_before_any_work():
     with pytest.raises(SystemExit, match="script:NoSuchFunction"):
         head_microbench.main(TINY + ["bf16", "script:NoSuchFunction"])
