@@ -5,8 +5,9 @@ computing the head's product: the part of a step that step 43's profile gives ~3
     python bench/head_microbench.py --script 43-add-regional-compile.py fp8 bf16
     python bench/head_microbench.py --script 44-....py fp8 bf16 script:FP8ForwardLinear
 
-A variant is `bf16` (the head's product under no float8), `fp8` (the script's FP8Linear) or `script:NAME` (any
-autograd Function of the script called as NAME.apply(x, w, grad_bound), like FP8Linear). Each is compiled (unless
+A variant is `bf16` (the head's product under no float8), `fp8` (the script's FP8Linear), `fused` (the script's
+FP8HeadLoss: product, loss and gradient in one forward) or `script:NAME` (any autograd Function of the script called
+as NAME.apply(x, w, grad_bound), like FP8Linear). Each is compiled (unless
 --compile=0), run 3 times untimed, then timed over --iters runs with CUDA events. It prints one line per variant:
 milliseconds per micro-batch, compile seconds, peak memory and the loss, which must agree between variants.
 """
@@ -32,6 +33,10 @@ def head_and_loss(module, variant, softcap, softcap_form="tanh"):
     """loss(x, w, targets) as the script's GPT.head computes it in training, with the head's product by `variant`.
     softcap_form=sigmoid caps as 2c * sigmoid(z / (c/2)) (record #28's form): that is c * tanh(z / c) + c, the same
     cross-entropy (a softmax ignores a constant shift) by another kernel."""
+    if variant == "fused":  # the product, the capped loss and its float8 gradient in one forward (step 45 on)
+        if not hasattr(module, "FP8HeadLoss"):
+            raise SystemExit("variant 'fused': the script has no FP8HeadLoss (--fused_head_loss, step 45 on)")
+        return lambda x, w, targets: module.FP8HeadLoss.apply(x, w, targets, softcap, -1)
     if variant == "bf16":
         product = None
     elif variant == "fp8":
@@ -39,8 +44,8 @@ def head_and_loss(module, variant, softcap, softcap_form="tanh"):
     elif variant.startswith("script:") and hasattr(module, variant[len("script:"):]):
         product = getattr(module, variant[len("script:"):])
     else:
-        raise SystemExit(f"variant {variant!r}: use bf16, fp8 or script:NAME with NAME an autograd Function of the "
-                         "script")
+        raise SystemExit(f"variant {variant!r}: use bf16, fp8, fused or script:NAME with NAME an autograd Function "
+                         "of the script")
 
     def loss(x, w, targets):
         if product is None:
@@ -67,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=10, help="timed runs per variant")
     parser.add_argument("--compile", type=int, default=1, help="torch.compile each variant (0 = eager)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("variants", nargs="+", help="bf16, fp8 or script:NAME")
+    parser.add_argument("variants", nargs="+", help="bf16, fp8, fused or script:NAME")
     args = parser.parse_args(argv)
     module = load_script(args.script)
     # every variant is resolved before any work: a bad name fails at once

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import REPO, SCRIPTS
+from conftest import REPO, SCRIPTS, load_script
 
 spec = importlib.util.spec_from_file_location("head_microbench", os.path.join(REPO, "bench", "head_microbench.py"))
 head_microbench = importlib.util.module_from_spec(spec)
@@ -36,3 +36,12 @@ def test_the_sigmoid_form_of_the_cap_is_the_same_loss():
 def test_an_unknown_variant_fails_before_any_work():
     with pytest.raises(SystemExit, match="script:NoSuchFunction"):
         head_microbench.main(TINY + ["bf16", "script:NoSuchFunction"])
+
+
+def test_the_fused_head_is_the_same_loss_where_the_script_has_it():
+    if hasattr(load_script(SCRIPTS[-1]), "FP8HeadLoss"):
+        result = losses(head_microbench.main(TINY + ["fp8", "fused"]))
+        assert result["fused"] == pytest.approx(result["fp8"], abs=2e-4)
+    else:
+        with pytest.raises(SystemExit, match="variant 'fused': the script has no FP8HeadLoss"):
+            head_microbench.main(TINY + ["fused"])
