@@ -6,8 +6,9 @@ computing the head's product: the part of a step that step 43's profile gives ~3
     python bench/head_microbench.py --script 44-....py fp8 bf16 script:FP8ForwardLinear
 
 A variant is `bf16` (the head's product under no float8), `fp8` (the script's FP8Linear), `fused` (the script's
-FP8HeadLoss: product, loss and gradient in one forward) or `script:NAME` (any autograd Function of the script called
-as NAME.apply(x, w, grad_bound), like FP8Linear). Each is compiled (unless
+FP8HeadLoss: product, loss and gradient in one forward; `fused:64x128x8` with its kernel's tile set: rows, vocabulary
+columns, warps) or `script:NAME` (any autograd Function of the script called as NAME.apply(x, w, grad_bound), like
+FP8Linear). Each is compiled (unless
 --compile=0), run 3 times untimed, then timed over --iters runs with CUDA events. It prints one line per variant:
 milliseconds per micro-batch, compile seconds, peak memory and the loss, which must agree between variants.
 """
@@ -33,10 +34,18 @@ def head_and_loss(module, variant, softcap, softcap_form="tanh"):
     """loss(x, w, targets) as the script's GPT.head computes it in training, with the head's product by `variant`.
     softcap_form=sigmoid caps as 2c * sigmoid(z / (c/2)) (record #28's form): that is c * tanh(z / c) + c, the same
     cross-entropy (a softmax ignores a constant shift) by another kernel."""
-    if variant == "fused":  # the product, the capped loss and its float8 gradient in one forward (step 45 on)
+    if variant == "fused" or variant.startswith("fused:"):  # product, capped loss and float8 gradient at once
         if not hasattr(module, "FP8HeadLoss"):
-            raise SystemExit("variant 'fused': the script has no FP8HeadLoss (--fused_head_loss, step 45 on)")
-        return lambda x, w, targets: module.FP8HeadLoss.apply(x, w, targets, softcap, -1)
+            raise SystemExit(f"variant {variant!r}: the script has no FP8HeadLoss (--fused_head_loss, step 45 on)")
+        tile = tuple(int(n) for n in variant[len("fused:"):].split("x") if n.isdigit()) if ":" in variant else None
+        if tile is not None and len(tile) != 3:
+            raise SystemExit(f"variant {variant!r}: fused:MxVxW, M rows and V columns per tile and W warps")
+
+        def fused(x, w, targets):
+            if tile is not None:  # the kernel's tile, read at each launch (a new tile compiles a new kernel)
+                module.FUSED_LOSS_TILE = tile
+            return module.FP8HeadLoss.apply(x, w, targets, softcap, -1)
+        return fused
     if variant == "bf16":
         product = None
     elif variant == "fp8":

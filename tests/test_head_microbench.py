@@ -40,8 +40,10 @@ def test_an_unknown_variant_fails_before_any_work():
 
 def test_the_fused_head_is_the_same_loss_where_the_script_has_it():
     if hasattr(load_script(SCRIPTS[-1]), "FP8HeadLoss"):
-        result = losses(head_microbench.main(TINY + ["fp8", "fused"]))
-        assert result["fused"] == pytest.approx(result["fp8"], abs=2e-4)
+        result = losses(head_microbench.main(TINY + ["fp8", "fused", "fused:32x64x4"]))
+        assert result["fused"] == pytest.approx(result["fp8"], abs=2e-4) and result["fused:32x64x4"] == result["fused"]
+        with pytest.raises(SystemExit, match="fused:MxVxW"):
+            head_microbench.main(TINY + ["fused:64x128"])
     else:
         with pytest.raises(SystemExit, match="variant 'fused': the script has no FP8HeadLoss"):
             head_microbench.main(TINY + ["fused"])
