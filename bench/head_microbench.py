@@ -14,20 +14,15 @@ milliseconds per micro-batch, compile seconds, peak memory and the loss, which m
 """
 
 import argparse
-import importlib.util
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-
-def load_script(path):
-    spec = importlib.util.spec_from_file_location("microbenched_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["microbenched_script"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: profile_step's loader of a lineage script
+from profile_step import load_script  # noqa: E402
 
 
 def head_and_loss(module, variant, softcap, softcap_form="tanh"):
