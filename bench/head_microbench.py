@@ -10,7 +10,8 @@ FP8HeadLoss: product, loss and gradient in one forward; `fused:64x128x8` with it
 columns, warps) or `script:NAME` (any autograd Function of the script called as NAME.apply(x, w, grad_bound), like
 FP8Linear). Each is compiled (unless
 --compile=0), run 3 times untimed, then timed over --iters runs with CUDA events. It prints one line per variant:
-milliseconds per micro-batch, compile seconds, peak memory and the loss, which must agree between variants.
+milliseconds per micro-batch, compile seconds, peak memory, the gradients of x and w against the first variant's
+(relative errors; flagged NOT FINITE where any is NaN or infinite) and the loss, which must agree between variants.
 """
 
 import argparse
@@ -88,6 +89,7 @@ def main(argv=None):
     targets = torch.randint(0, args.vocab_size, (args.tokens,), device=device, generator=generator)
     cuda = device.type == "cuda"
     lines = []
+    reference = None  # the first variant's name and gradients, which the others are compared with
     for variant, function in functions.items():
         function = torch.compile(function) if args.compile else function
         x = x0.clone().requires_grad_()
@@ -106,8 +108,20 @@ def main(argv=None):
             torch.cuda.synchronize()
         ms = (time.perf_counter() - start) * 1000 / args.iters
         peak = f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if cuda else "n/a"
+        # one more pass from zero gradients: the loss is not all a head must get right (a NaN gradient once trained)
+        x.grad, w.grad = None, None
+        function(x, w, targets).backward()
+        grads = (x.grad.float().clone(), w.grad.float().clone())  # w.grad would be accumulated into next
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if reference is None:
+            reference = (variant, grads)
+            check = "gradients"
+        else:
+            errors = [((g - r).norm() / r.norm()).item() for g, r in zip(grads, reference[1])]
+            check = f"gradients vs {reference[0]}: x {errors[0]:.4f}, w {errors[1]:.4f}"
+        check += "" if finite else " NOT FINITE"
         lines.append(f"{variant}: {ms:.2f} ms per micro-batch (forward + backward), compile + 3 runs {warm_s:.0f} s, "
-                     f"peak {peak}, loss {loss.item():.4f}")
+                     f"peak {peak}, {check}, loss {loss.item():.4f}")
         print(lines[-1], flush=True)
     return lines
 

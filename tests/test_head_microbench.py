@@ -47,3 +47,19 @@ def test_the_fused_head_is_the_same_loss_where_the_script_has_it():
     else:
         with pytest.raises(SystemExit, match="variant 'fused': the script has no FP8HeadLoss"):
             head_microbench.main(TINY + ["fused"])
+
+
+def test_gradients_are_compared_with_the_first_variants_and_flagged_when_not_finite(monkeypatch):
+    lines = head_microbench.main(TINY + ["bf16", "fp8"])
+    assert ", gradients, loss" in lines[0]
+    x_error, w_error = (float(part.split()[-1]) for part in lines[1].split("gradients vs bf16: ")[1]
+                        .split(", loss")[0].split(", "))
+    assert 0 < x_error < 0.1 and 0 < w_error < 0.1 and "NOT FINITE" not in lines[1]
+    original = head_microbench.head_and_loss
+
+    def nan_gradients(module, variant, *args):
+        loss = original(module, variant, *args)
+        return (lambda x, w, t: loss(x, w, t) * float("nan")) if variant == "fp8" else loss
+    monkeypatch.setattr(head_microbench, "head_and_loss", nan_gradients)
+    lines = head_microbench.main(TINY + ["bf16", "fp8"])
+    assert "NOT FINITE" in lines[1] and "NOT FINITE" not in lines[0]
