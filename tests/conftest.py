@@ -35,7 +35,8 @@ SPEED_SWITCHES_OFF = {"async_batches": False, "value_embeddings": 0, "x0_mixing"
                       "muon_momentum_warmup_steps": 0, "logit_softcap": 0.0, "muon_batched_ns": False,
                       "fp8_head": False, "bf16_activations": False, "zero_init_projections": False,
                       "rope_fraction": 1.0, "rope_base": 500000.0, "fp8_head_backward": "fp8",
-                      "fused_head_loss": False, "long_window_layers": "", "attention_free_layers": ""}
+                      "fused_head_loss": False, "long_window_layers": "", "attention_free_layers": "",
+                      "unet_skips": False}
 
 
 def step_adding(field):

@@ -1,6 +1,6 @@
-"""Step 48 of the lineage: add the fused head loss: the FP8 head, the soft-capped loss and its float8 gradient at once.
+"""Step 48 of the lineage: add U-net skips: the first half's block outputs feed the second half's inputs, weighted.
 Parent: 47-add-attention-free-blocks.py
-Off: 27.3 ms not 37.1 for the head alone, but its transposed float8 store is wrong on CUDA (H100, RESULTS (g), (h)).
+Off until measured on bench100m: records #9 and #11 added them; a few scalar weights, one add per skipped block.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
@@ -61,7 +61,7 @@ What each step added:
     45  --preset=bench100m: the window grows by 128 every 48 steps from step 48 (2,048 by step 720), not every 80
     46  --long_window_layers: these blocks attend over the window, the others over half of it (whole 128-token blocks)
     47  --attention_free_layers: these blocks have no attention, only their MLP (record #28 drops block 7's)
-    48  --fused_head_loss: the FP8 head's loss and float8 gradient from one kernel in the forward (Triton on CUDA)
+    48  --unet_skips: block i's output is added, times a learned weight from 1, to block n_layer-1-i's input
 """
 
 import copy
@@ -92,12 +92,6 @@ from safetensors.torch import load_model, save_model
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-try:  # --fused_head_loss's kernel on CUDA: Triton comes with PyTorch's CUDA builds
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 
 @dataclass
@@ -130,6 +124,7 @@ class Config:
     rope_fraction: float = 0.5  # rotary only: the fraction of each head's channel pairs that rotate; the rest do not
     bias: bool = False  # biases in the linear layers and LayerNorms
     x0_mixing: bool = True  # before each block x <- a*x + b*x0 (x0: the embedding), learned a, b per block from 1, 0
+    unet_skips: bool = False  # block i's output goes to block n_layer-1-i's input (i < n_layer // 2), weighted
     activation: str = "relu2"  # MLP non-linearity: gelu, relu, relu2 (ReLU squared), silu or swiglu
     mlp_width: str = "fair"  # swiglu only: fair = hidden 8/3 * n_embd (GELU's parameter count), unfair = 4 * n_embd
     mlp_ratio: float = 2.0  # the MLP's hidden width in multiples of n_embd (swiglu's fair width is 2/3 of it)
@@ -139,7 +134,6 @@ class Config:
     qk_norm: str = "rms"  # normalize queries and keys per head before attention: none, rms or l2
     qk_scale_max: float = 5.0  # QK norm: the learned per-head scales are clamped to at most this
     fp8_head: bool = True  # training: the LM head multiplies in float8 (e4m3, gradients e5m2), scaled per tensor
-    fused_head_loss: bool = False  # fp8_head: the loss and its float8 gradient made in one forward (Triton on CUDA)
     fp8_head_backward: str = "bf16"  # fp8_head: the backward's two products in bf16 (unquantized) or fp8 (e5m2 gradient)
     bf16_activations: bool = True  # under autocast: the residual stream in its dtype (bfloat16), not the weights'
     logit_softcap: float = 15.0  # > 0: logits become logit_softcap * tanh(logits / logit_softcap); 0 = off
@@ -240,8 +234,6 @@ PRESETS = {
 
 EOT = 50256  # GPT-2's <|endoftext|>: fineweb-npy.py starts every document with it
 FLEX_BLOCK_SIZE = 128  # FlexAttention's tile: the block mask lists the 128 x 128 tiles that hold any allowed pair
-E5M2_MAX = 57344.0  # float8 e5m2's largest value: --fused_head_loss's gradient, at most 1 in size, is scaled by it
-FUSED_LOSS_TILE = (64, 128, 8)  # --fused_head_loss's kernel: rows and vocabulary columns per tile, warps per program
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "53493bf304b639aba6a47400da75c58ce32372b378fd2cd9d16ee987aeb12e4e"
@@ -574,6 +566,10 @@ class GPT(nn.Module):
         kv_width = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, kv_width) for _ in range(cfg.value_embeddings))
         self.value_embeds.apply(self._init_weights)
+        # --unet_skips: one weight per skip, from 1 as in record #28 (the stream then grows at the start, which the
+        # pre-norms and ln_f do not see). 1-D: AdamW trains it, undecayed, with the other scalars
+        if cfg.unet_skips:
+            self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -646,19 +642,22 @@ class GPT(nn.Module):
         long_layers = window_layers(self.cfg)
         value_embeddings = [table(idx).to(x.dtype) for table in self.value_embeds]  # looked up once, for two blocks
         x0 = x  # x0_mixing: every block mixes the embedding back in (blocks without it ignore x0)
+        skips = []  # --unet_skips: the outputs of the first n_layer // 2 blocks, taken back last in, first out
+        n_skips = self.cfg.n_layer // 2 if self.cfg.unet_skips else 0
         for layer, block in enumerate(self.transformer.h):
+            if layer >= self.cfg.n_layer - n_skips:  # the last n_skips blocks: block i's output into block n_layer-1-i
+                x = x + self.skip_weights[layer - (self.cfg.n_layer - n_skips)] * skips.pop()
             table = value_embedding_table(self.cfg, layer)
             layer_mask = mask if long_layers is None or layer in long_layers else short_mask
             x = block(x, layer_mask, None if table is None else value_embeddings[table], x0)
+            if layer < n_skips:
+                skips.append(x)
         return self.head(x, targets)
 
     def head(self, x, targets=None):
         """The final norm, the LM head and, with targets, the loss: with --compile_scope=blocks, a compiled region of
         its own (eager, its float32 logits would be materialized several times over)."""
         x = self.transformer.ln_f(x)
-        if self.cfg.fused_head_loss and self.training and targets is not None:  # the loss; no logits leave the head
-            return FP8HeadLoss.apply(x.flatten(0, -2), self.lm_head.weight, targets.reshape(-1),
-                                     self.cfg.logit_softcap, self.cfg.pad_token)
         if self.cfg.fp8_head and self.training and targets is not None:  # evaluation and sampling: the exact head
             # The loss is a mean over the scored targets of cross-entropies (through a soft-cap of slope <= 1), so no
             # logit's gradient exceeds 1 / (scored targets): the float8 gradient's scale, known before it exists
@@ -740,135 +739,6 @@ class FP8ForwardLinear(torch.autograd.Function):
         grad_x = g @ w.to(g.dtype)
         grad_w = g.t() @ x.to(g.dtype)
         return grad_x, grad_w.to(w.dtype), None
-
-
-if triton is not None:
-    # BLOCK_M rows of logits, read twice: first each capped row's log-sum-exp, then each logit's gradient, written in
-    # float8 twice from the same tile, in the logits' layout and transposed (the two layouts _scaled_mm needs)
-    @triton.jit
-    def softcapped_cross_entropy_kernel(logits_ptr, targets_ptr, losses_ptr, grad_ptr, grad_t_ptr, N, softcap,
-                                        pad_token, V: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                                        BLOCK_V: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        targets = tl.load(targets_ptr + rows, mask=row_ok, other=0)
-        scored = row_ok & (targets != pad_token)
-        row_start = rows[:, None].to(tl.int64) * V
-        running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        running_sum = tl.zeros([BLOCK_M], tl.float32)
-        target_logit = tl.zeros([BLOCK_M], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            ok = row_ok[:, None] & (cols < V)[None, :]
-            z = tl.load(logits_ptr + row_start + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            if HAS_CAP:  # c * tanh(z / c) + c: the same softmax, and sigmoid is cheaper than tanh
-                z = 2 * softcap * tl.sigmoid(z * (2 / softcap))
-            z = tl.where((cols < V)[None, :], z, float("-inf"))  # rows past N stay finite; nothing of theirs is stored
-            new_max = tl.maximum(running_max, tl.max(z, axis=1))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-            running_max = new_max
-            target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-        log_sum_exp = running_max + tl.log(running_sum)
-        tl.store(losses_ptr + rows, tl.where(scored, log_sum_exp - target_logit, 0.0), mask=row_ok)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            ok = row_ok[:, None] & (cols < V)[None, :]
-            z = tl.load(logits_ptr + row_start + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            if HAS_CAP:
-                s = tl.sigmoid(z * (2 / softcap))
-                z = 2 * softcap * s
-            grad = tl.exp(z - log_sum_exp[:, None]) - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
-            if HAS_CAP:
-                grad = grad * (4 * s * (1 - s))  # the cap's slope, 1 - tanh^2
-            grad = tl.where(scored[:, None], grad, 0.0) * 57344.0  # E5M2_MAX (a kernel reads no Python globals)
-            grad8 = grad.to(tl.float8e5, fp_downcast_rounding="rtne")
-            tl.store(grad_ptr + row_start + cols[None, :], grad8, mask=ok)
-            tl.store(grad_t_ptr + cols[None, :].to(tl.int64) * N + rows[:, None], grad8, mask=ok)
-
-
-def softcapped_cross_entropy_reference(logits, targets, softcap, pad_token):
-    """Each row's cross-entropy of the capped logits (0 where the target is pad_token) and its gradient with respect
-    to the logits times E5M2_MAX (|gradient| <= 1: exact in e5m2's range), in float8, and transposed."""
-    z = logits.float()
-    if softcap > 0:
-        z = softcap * torch.tanh(z / softcap)
-    log_probs = F.log_softmax(z, dim=-1)
-    scored = targets != pad_token
-    picked = targets.clamp(min=0)[:, None]
-    losses = torch.where(scored, -log_probs.gather(1, picked)[:, 0], 0.0)
-    grad = log_probs.exp().scatter_add(1, picked, -torch.ones_like(picked, dtype=log_probs.dtype))
-    if softcap > 0:
-        grad = grad * (1 - (z / softcap) ** 2)
-    grad8 = (torch.where(scored[:, None], grad, 0.0) * E5M2_MAX).clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
-    return losses, grad8, grad8.t().contiguous()
-
-
-def softcapped_cross_entropy_triton(logits, targets, softcap, pad_token):
-    N, V = logits.shape
-    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
-    grad8 = torch.empty(N, V, dtype=torch.float8_e5m2, device=logits.device)
-    grad8_t = torch.empty(V, N, dtype=torch.float8_e5m2, device=logits.device)
-    block_m, block_v, warps = FUSED_LOSS_TILE
-    softcapped_cross_entropy_kernel[(triton.cdiv(N, block_m),)](
-        logits, targets, losses, grad8, grad8_t, N, float(softcap) or 1.0, pad_token, V=V, HAS_CAP=softcap > 0,
-        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps)
-    return losses, grad8, grad8_t
-
-
-def softcapped_cross_entropy_impl(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
-                                  pad_token: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's loss, and the gradient of their sum in float8 in both layouts: the kernel on CUDA, torch ops else."""
-    if logits.is_cuda and triton is not None:
-        return softcapped_cross_entropy_triton(logits, targets, softcap, pad_token)
-    return softcapped_cross_entropy_reference(logits, targets, softcap, pad_token)
-
-
-def softcapped_cross_entropy_shapes(logits, targets, softcap, pad_token):
-    N, V = logits.shape
-    return (logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, V, dtype=torch.float8_e5m2),
-            logits.new_empty(V, N, dtype=torch.float8_e5m2))
-
-
-# A custom op: torch.compile calls it as one opaque op and sees only its output shapes. Its namespace is the step's
-# number, and a second import of the same file (the tests import steps many times) finds it registered
-OP_NAMESPACE = "lineage" + os.path.basename(__file__).split("-")[0]
-if hasattr(getattr(torch.ops, OP_NAMESPACE), "softcapped_cross_entropy"):
-    softcapped_cross_entropy = getattr(torch.ops, OP_NAMESPACE).softcapped_cross_entropy
-else:
-    softcapped_cross_entropy = torch.library.custom_op(f"{OP_NAMESPACE}::softcapped_cross_entropy", mutates_args=())(
-        softcapped_cross_entropy_impl)
-    softcapped_cross_entropy.register_fake(softcapped_cross_entropy_shapes)
-
-
-class FP8HeadLoss(torch.autograd.Function):
-    """--fused_head_loss: the FP8 head's product, the soft-capped cross-entropy (mean over the scored targets) and
-    the logits' gradient in one forward. The gradient is known in the forward (dloss/dlogit = softmax - one-hot,
-    times the cap's slope, over the scored count): one kernel writes it in float8 in both layouts the backward's two
-    products need, and the bf16 logits are freed at once. In step 43's compiled model the loss's kernels took 60.7 ms
-    of a 284 ms step, the transposed float8 gradient written from inside the loss's backward reduction (bench/RESULTS.md
-    2026-11-26 (f)). The backward scales the gradient by the loss's own gradient (1 / accumulation steps) in the
-    products' scales: the float8 values do not depend on it."""
-
-    @staticmethod
-    def forward(ctx, x, w, targets, softcap, pad_token):  # x (N, n_embd), w (vocab_size, n_embd), targets (N,)
-        x8, x_scale = to_float8(x, torch.float8_e4m3fn)
-        w8, w_scale = to_float8(w, torch.float8_e4m3fn)
-        logits = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
-        losses, g8, g8_t = softcapped_cross_entropy(logits, targets, float(softcap), int(pad_token))
-        scored = (targets != pad_token).sum().clamp(min=1).float()
-        ctx.save_for_backward(x8, x_scale, w8, w_scale, g8, g8_t, scored)
-        ctx.w_dtype = w.dtype
-        return losses.sum() / scored
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        x8, x_scale, w8, w_scale, g8, g8_t, scored = ctx.saved_tensors
-        g_scale = grad_loss.float() / (scored * E5M2_MAX)  # g8 holds the gradient of the summed loss times E5M2_MAX
-        grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_scale, scale_b=w_scale,
-                                  out_dtype=torch.bfloat16)
-        grad_w = torch._scaled_mm(g8_t, x8.t().contiguous().t(), scale_a=g_scale, scale_b=x_scale,
-                                  out_dtype=torch.float32)
-        return grad_x, grad_w.to(ctx.w_dtype), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1979,6 +1849,11 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--activation={cfg.activation!r} is not one of: {', '.join(ACTIVATIONS)}, swiglu")
     if not isinstance(cfg.x0_mixing, bool):  # a string such as "false", set in code, would be true
         raise ConfigError(f"--x0_mixing={cfg.x0_mixing!r} is not a bool; set it to true or false")
+    if not isinstance(cfg.unet_skips, bool):
+        raise ConfigError(f"--unet_skips={cfg.unet_skips!r} is not a bool; set it to true or false")
+    if cfg.unet_skips and cfg.n_layer < 2:
+        raise ConfigError(f"--unet_skips joins block i to block n_layer-1-i, and --n_layer={cfg.n_layer} has no pair: "
+                          "set --n_layer >= 2 or --unet_skips=false")
     if cfg.mlp_width not in ("fair", "unfair"):
         raise ConfigError(f"--mlp_width={cfg.mlp_width!r} is not one of: fair, unfair")
     if not cfg.mlp_ratio > 0:
@@ -2087,11 +1962,6 @@ def check_config(cfg, world_size=1):
                           "set --fp8_head=false")
     if cfg.fp8_head_backward not in ("fp8", "bf16"):
         raise ConfigError(f"--fp8_head_backward={cfg.fp8_head_backward!r} is not one of: fp8, bf16")
-    if cfg.fused_head_loss and not cfg.fp8_head:
-        raise ConfigError("--fused_head_loss is the FP8 head's: set --fp8_head=true, or --fused_head_loss=false")
-    if cfg.fused_head_loss and cfg.fp8_head_backward != "fp8":
-        raise ConfigError("--fused_head_loss's backward is float8: set --fp8_head_backward=fp8, or "
-                          "--fused_head_loss=false")
     if not 0 <= 2 * cfg.value_embeddings <= cfg.n_layer:
         raise ConfigError(f"--value_embeddings={cfg.value_embeddings}: each table serves one of the first and one of the "
                           f"last value_embeddings blocks, so 2 * value_embeddings must be <= --n_layer={cfg.n_layer}; "
