@@ -1,7 +1,7 @@
-"""--fused_head_loss (candidate step 49, off: wrong on CUDA): in training, the FP8 head's product, the soft-capped
+"""--fused_head_loss (candidate step 50, off: wrong on CUDA): in training, the FP8 head's product, the soft-capped
 cross-entropy and the logits' float8 gradient in both layouts come from one forward (a Triton kernel on CUDA, torch
 ops elsewhere). The loss and the gradients are the unfused FP8 head's to float8 rounding, evaluation keeps the exact
-head, bad combinations fail early, and off the step is its parent (step 48)."""
+head, bad combinations fail early, and off the step is its parent (step 49)."""
 import json
 import os
 import subprocess

@@ -1,6 +1,6 @@
-"""Step 49 of the lineage: add the fused head loss: the FP8 head, the soft-capped loss and its float8 gradient at once.
+"""Step 49 of the lineage: add an attention gate: each head's output times a sigmoid of its input's first channels.
 Parent: 48-add-unet-skips.py
-Off: 27.3 ms not 37.1 for the head alone, but its transposed float8 store is wrong on CUDA (H100, RESULTS (g), (h)).
+Off until measured on bench100m: record #28's gate reads 12 channels; a (12 x n_head) matrix per block, AdamW's.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
@@ -62,7 +62,7 @@ What each step added:
     46  --long_window_layers: these blocks attend over the window, the others over half of it (whole 128-token blocks)
     47  --attention_free_layers: these blocks have no attention, only their MLP (record #28 drops block 7's)
     48  --unet_skips: block i's output is added, times a learned weight from 1, to block n_layer-1-i's input
-    49  --fused_head_loss: the FP8 head's loss and float8 gradient from one kernel in the forward (Triton on CUDA)
+    49  --attention_gate=N: each head's output times sigmoid(a learned map of the first N channels it reads)
 """
 
 import copy
@@ -93,12 +93,6 @@ from safetensors.torch import load_model, save_model
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-try:  # --fused_head_loss's kernel on CUDA: Triton comes with PyTorch's CUDA builds
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 
 @dataclass
@@ -139,9 +133,9 @@ class Config:
     tie_embeddings: bool = True  # one matrix embeds the tokens and scores them (false: the LM head has its own)
     value_embeddings: int = 2  # N tables of token vectors added to the values of the first N and last N blocks; 0 = off
     qk_norm: str = "rms"  # normalize queries and keys per head before attention: none, rms or l2
+    attention_gate: int = 0  # > 0: each head's output times sigmoid(W x[..., :N]), W learned from 0; 0 = off
     qk_scale_max: float = 5.0  # QK norm: the learned per-head scales are clamped to at most this
     fp8_head: bool = True  # training: the LM head multiplies in float8 (e4m3, gradients e5m2), scaled per tensor
-    fused_head_loss: bool = False  # fp8_head: the loss and its float8 gradient made in one forward (Triton on CUDA)
     fp8_head_backward: str = "bf16"  # fp8_head: the backward's two products in bf16 (unquantized) or fp8 (e5m2 gradient)
     bf16_activations: bool = True  # under autocast: the residual stream in its dtype (bfloat16), not the weights'
     logit_softcap: float = 15.0  # > 0: logits become logit_softcap * tanh(logits / logit_softcap); 0 = off
@@ -242,8 +236,6 @@ PRESETS = {
 
 EOT = 50256  # GPT-2's <|endoftext|>: fineweb-npy.py starts every document with it
 FLEX_BLOCK_SIZE = 128  # FlexAttention's tile: the block mask lists the 128 x 128 tiles that hold any allowed pair
-E5M2_MAX = 57344.0  # float8 e5m2's largest value: --fused_head_loss's gradient, at most 1 in size, is scaled by it
-FUSED_LOSS_TILE = (64, 128, 8)  # --fused_head_loss's kernel: rows and vocabulary columns per tile, warps per program
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "53493bf304b639aba6a47400da75c58ce32372b378fd2cd9d16ee987aeb12e4e"
@@ -451,6 +443,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn.weight.fused_rows = (cfg.n_embd, kv_width, kv_width)  # three matrices to Muon: see Muon.step
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True  # see GPT._init_weights
+        # --attention_gate: a gate per head and token from the first attention_gate channels of the (normed) input.
+        # From 0, every gate starts at 1/2. Too small for Muon (muon_params leaves it out): AdamW trains it
+        self.gate = nn.Linear(cfg.attention_gate, cfg.n_head, bias=False) if cfg.attention_gate else None
+        if self.gate is not None:
+            self.gate.zero_start = True  # see GPT._init_weights
+            self.gate.weight.adamw_only = True
         if value_embedding:
             # (lambda_v, lambda_e) of v <- lambda_v * v + lambda_e * ve, both 0.5 at the start as in record #28. A 1-D
             # tensor: AdamW trains it without weight decay, like the other scalars (Muon takes 2-D matrices only).
@@ -488,6 +486,8 @@ class CausalSelfAttention(nn.Module):
             y = capped_attention(q, k, v, mask, self.attn_softcap, self.attn_softcap_backend)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if self.gate is not None:  # (B, T, n_head) gates onto y's (B, n_head, T, head_dim)
+            y = y * torch.sigmoid(self.gate(x[..., :self.gate.in_features])).transpose(1, 2).unsqueeze(-1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -595,6 +595,8 @@ class GPT(nn.Module):
                 # The model starts as its embedding and head alone; the first step's gradients reach only these
                 # projections (the branches below them get none through a zero matrix), the next ones everything
                 nn.init.zeros_(module.weight)
+            if getattr(module, "zero_start", False):  # --attention_gate's map
+                nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -668,9 +670,6 @@ class GPT(nn.Module):
         """The final norm, the LM head and, with targets, the loss: with --compile_scope=blocks, a compiled region of
         its own (eager, its float32 logits would be materialized several times over)."""
         x = self.transformer.ln_f(x)
-        if self.cfg.fused_head_loss and self.training and targets is not None:  # the loss; no logits leave the head
-            return FP8HeadLoss.apply(x.flatten(0, -2), self.lm_head.weight, targets.reshape(-1),
-                                     self.cfg.logit_softcap, self.cfg.pad_token)
         if self.cfg.fp8_head and self.training and targets is not None:  # evaluation and sampling: the exact head
             # The loss is a mean over the scored targets of cross-entropies (through a soft-cap of slope <= 1), so no
             # logit's gradient exceeds 1 / (scored targets): the float8 gradient's scale, known before it exists
@@ -752,135 +751,6 @@ class FP8ForwardLinear(torch.autograd.Function):
         grad_x = g @ w.to(g.dtype)
         grad_w = g.t() @ x.to(g.dtype)
         return grad_x, grad_w.to(w.dtype), None
-
-
-if triton is not None:
-    # BLOCK_M rows of logits, read twice: first each capped row's log-sum-exp, then each logit's gradient, written in
-    # float8 twice from the same tile, in the logits' layout and transposed (the two layouts _scaled_mm needs)
-    @triton.jit
-    def softcapped_cross_entropy_kernel(logits_ptr, targets_ptr, losses_ptr, grad_ptr, grad_t_ptr, N, softcap,
-                                        pad_token, V: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                                        BLOCK_V: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        targets = tl.load(targets_ptr + rows, mask=row_ok, other=0)
-        scored = row_ok & (targets != pad_token)
-        row_start = rows[:, None].to(tl.int64) * V
-        running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        running_sum = tl.zeros([BLOCK_M], tl.float32)
-        target_logit = tl.zeros([BLOCK_M], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            ok = row_ok[:, None] & (cols < V)[None, :]
-            z = tl.load(logits_ptr + row_start + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            if HAS_CAP:  # c * tanh(z / c) + c: the same softmax, and sigmoid is cheaper than tanh
-                z = 2 * softcap * tl.sigmoid(z * (2 / softcap))
-            z = tl.where((cols < V)[None, :], z, float("-inf"))  # rows past N stay finite; nothing of theirs is stored
-            new_max = tl.maximum(running_max, tl.max(z, axis=1))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-            running_max = new_max
-            target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-        log_sum_exp = running_max + tl.log(running_sum)
-        tl.store(losses_ptr + rows, tl.where(scored, log_sum_exp - target_logit, 0.0), mask=row_ok)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            ok = row_ok[:, None] & (cols < V)[None, :]
-            z = tl.load(logits_ptr + row_start + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            if HAS_CAP:
-                s = tl.sigmoid(z * (2 / softcap))
-                z = 2 * softcap * s
-            grad = tl.exp(z - log_sum_exp[:, None]) - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
-            if HAS_CAP:
-                grad = grad * (4 * s * (1 - s))  # the cap's slope, 1 - tanh^2
-            grad = tl.where(scored[:, None], grad, 0.0) * 57344.0  # E5M2_MAX (a kernel reads no Python globals)
-            grad8 = grad.to(tl.float8e5, fp_downcast_rounding="rtne")
-            tl.store(grad_ptr + row_start + cols[None, :], grad8, mask=ok)
-            tl.store(grad_t_ptr + cols[None, :].to(tl.int64) * N + rows[:, None], grad8, mask=ok)
-
-
-def softcapped_cross_entropy_reference(logits, targets, softcap, pad_token):
-    """Each row's cross-entropy of the capped logits (0 where the target is pad_token) and its gradient with respect
-    to the logits times E5M2_MAX (|gradient| <= 1: exact in e5m2's range), in float8, and transposed."""
-    z = logits.float()
-    if softcap > 0:
-        z = softcap * torch.tanh(z / softcap)
-    log_probs = F.log_softmax(z, dim=-1)
-    scored = targets != pad_token
-    picked = targets.clamp(min=0)[:, None]
-    losses = torch.where(scored, -log_probs.gather(1, picked)[:, 0], 0.0)
-    grad = log_probs.exp().scatter_add(1, picked, -torch.ones_like(picked, dtype=log_probs.dtype))
-    if softcap > 0:
-        grad = grad * (1 - (z / softcap) ** 2)
-    grad8 = (torch.where(scored[:, None], grad, 0.0) * E5M2_MAX).clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
-    return losses, grad8, grad8.t().contiguous()
-
-
-def softcapped_cross_entropy_triton(logits, targets, softcap, pad_token):
-    N, V = logits.shape
-    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
-    grad8 = torch.empty(N, V, dtype=torch.float8_e5m2, device=logits.device)
-    grad8_t = torch.empty(V, N, dtype=torch.float8_e5m2, device=logits.device)
-    block_m, block_v, warps = FUSED_LOSS_TILE
-    softcapped_cross_entropy_kernel[(triton.cdiv(N, block_m),)](
-        logits, targets, losses, grad8, grad8_t, N, float(softcap) or 1.0, pad_token, V=V, HAS_CAP=softcap > 0,
-        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps)
-    return losses, grad8, grad8_t
-
-
-def softcapped_cross_entropy_impl(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
-                                  pad_token: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's loss, and the gradient of their sum in float8 in both layouts: the kernel on CUDA, torch ops else."""
-    if logits.is_cuda and triton is not None:
-        return softcapped_cross_entropy_triton(logits, targets, softcap, pad_token)
-    return softcapped_cross_entropy_reference(logits, targets, softcap, pad_token)
-
-
-def softcapped_cross_entropy_shapes(logits, targets, softcap, pad_token):
-    N, V = logits.shape
-    return (logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, V, dtype=torch.float8_e5m2),
-            logits.new_empty(V, N, dtype=torch.float8_e5m2))
-
-
-# A custom op: torch.compile calls it as one opaque op and sees only its output shapes. Its namespace is the step's
-# number, and a second import of the same file (the tests import steps many times) finds it registered
-OP_NAMESPACE = "lineage" + os.path.basename(__file__).split("-")[0]
-if hasattr(getattr(torch.ops, OP_NAMESPACE), "softcapped_cross_entropy"):
-    softcapped_cross_entropy = getattr(torch.ops, OP_NAMESPACE).softcapped_cross_entropy
-else:
-    softcapped_cross_entropy = torch.library.custom_op(f"{OP_NAMESPACE}::softcapped_cross_entropy", mutates_args=())(
-        softcapped_cross_entropy_impl)
-    softcapped_cross_entropy.register_fake(softcapped_cross_entropy_shapes)
-
-
-class FP8HeadLoss(torch.autograd.Function):
-    """--fused_head_loss: the FP8 head's product, the soft-capped cross-entropy (mean over the scored targets) and
-    the logits' gradient in one forward. The gradient is known in the forward (dloss/dlogit = softmax - one-hot,
-    times the cap's slope, over the scored count): one kernel writes it in float8 in both layouts the backward's two
-    products need, and the bf16 logits are freed at once. In step 43's compiled model the loss's kernels took 60.7 ms
-    of a 284 ms step, the transposed float8 gradient written from inside the loss's backward reduction (bench/RESULTS.md
-    2026-11-26 (f)). The backward scales the gradient by the loss's own gradient (1 / accumulation steps) in the
-    products' scales: the float8 values do not depend on it."""
-
-    @staticmethod
-    def forward(ctx, x, w, targets, softcap, pad_token):  # x (N, n_embd), w (vocab_size, n_embd), targets (N,)
-        x8, x_scale = to_float8(x, torch.float8_e4m3fn)
-        w8, w_scale = to_float8(w, torch.float8_e4m3fn)
-        logits = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
-        losses, g8, g8_t = softcapped_cross_entropy(logits, targets, float(softcap), int(pad_token))
-        scored = (targets != pad_token).sum().clamp(min=1).float()
-        ctx.save_for_backward(x8, x_scale, w8, w_scale, g8, g8_t, scored)
-        ctx.w_dtype = w.dtype
-        return losses.sum() / scored
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        x8, x_scale, w8, w_scale, g8, g8_t, scored = ctx.saved_tensors
-        g_scale = grad_loss.float() / (scored * E5M2_MAX)  # g8 holds the gradient of the summed loss times E5M2_MAX
-        grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_scale, scale_b=w_scale,
-                                  out_dtype=torch.bfloat16)
-        grad_w = torch._scaled_mm(g8_t, x8.t().contiguous().t(), scale_a=g_scale, scale_b=x_scale,
-                                  out_dtype=torch.float32)
-        return grad_x, grad_w.to(ctx.w_dtype), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1034,8 +904,9 @@ class Optimizers:
 
 
 def muon_params(model):
-    """The 2-D weight matrices inside the transformer blocks: what Muon trains."""
-    return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]
+    """The 2-D weight matrices inside the transformer blocks: what Muon trains (but those marked adamw_only)."""
+    return [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad
+            and not getattr(p, "adamw_only", False)]
 
 
 def configure_optimizer(model, cfg, device_type):
@@ -1991,6 +1862,9 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--activation={cfg.activation!r} is not one of: {', '.join(ACTIVATIONS)}, swiglu")
     if not isinstance(cfg.x0_mixing, bool):  # a string such as "false", set in code, would be true
         raise ConfigError(f"--x0_mixing={cfg.x0_mixing!r} is not a bool; set it to true or false")
+    if not 0 <= cfg.attention_gate <= cfg.n_embd:
+        raise ConfigError(f"--attention_gate={cfg.attention_gate} must be between 0 (off) and --n_embd={cfg.n_embd}: "
+                          "the gate reads that many of the block input's first channels (record #28: 12)")
     if not isinstance(cfg.unet_skips, bool):
         raise ConfigError(f"--unet_skips={cfg.unet_skips!r} is not a bool; set it to true or false")
     if cfg.unet_skips and cfg.n_layer < 2:
@@ -2104,11 +1978,6 @@ def check_config(cfg, world_size=1):
                           "set --fp8_head=false")
     if cfg.fp8_head_backward not in ("fp8", "bf16"):
         raise ConfigError(f"--fp8_head_backward={cfg.fp8_head_backward!r} is not one of: fp8, bf16")
-    if cfg.fused_head_loss and not cfg.fp8_head:
-        raise ConfigError("--fused_head_loss is the FP8 head's: set --fp8_head=true, or --fused_head_loss=false")
-    if cfg.fused_head_loss and cfg.fp8_head_backward != "fp8":
-        raise ConfigError("--fused_head_loss's backward is float8: set --fp8_head_backward=fp8, or "
-                          "--fused_head_loss=false")
     if not 0 <= 2 * cfg.value_embeddings <= cfg.n_layer:
         raise ConfigError(f"--value_embeddings={cfg.value_embeddings}: each table serves one of the first and one of the "
                           f"last value_embeddings blocks, so 2 * value_embeddings must be <= --n_layer={cfg.n_layer}; "
