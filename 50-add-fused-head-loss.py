@@ -1,6 +1,6 @@
 """Step 50 of the lineage: add the fused head loss: the FP8 head, the soft-capped loss and its float8 gradient at once.
 Parent: 49-add-attention-gate.py
-Off: 27.3 ms not 37.1 for the head alone, but its transposed float8 store is wrong on CUDA (H100, RESULTS (g), (h)).
+Off until measured in training: the head alone in 27.3 ms, not 37.0 (H100, bench/RESULTS.md 2026-11-26 (h)).
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
@@ -768,9 +768,9 @@ class FP8ForwardLinear(torch.autograd.Function):
 
 if triton is not None:
     # BLOCK_M rows of logits, read twice: first each capped row's log-sum-exp, then each logit's gradient, written in
-    # float8 twice from the same tile, in the logits' layout and transposed (the two layouts _scaled_mm needs)
+    # float8 in the logits' layout; transpose_bytes_kernel then writes its transpose (_scaled_mm needs both layouts)
     @triton.jit
-    def softcapped_cross_entropy_kernel(logits_ptr, targets_ptr, losses_ptr, grad_ptr, grad_t_ptr, N, softcap,
+    def softcapped_cross_entropy_kernel(logits_ptr, targets_ptr, losses_ptr, grad_ptr, N, softcap,
                                         pad_token, V: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_M: tl.constexpr,
                                         BLOCK_V: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -807,7 +807,18 @@ if triton is not None:
             grad = tl.where(scored[:, None], grad, 0.0) * 57344.0  # E5M2_MAX (a kernel reads no Python globals)
             grad8 = grad.to(tl.float8e5, fp_downcast_rounding="rtne")
             tl.store(grad_ptr + row_start + cols[None, :], grad8, mask=ok)
-            tl.store(grad_t_ptr + cols[None, :].to(tl.int64) * N + rows[:, None], grad8, mask=ok)
+
+    # The transposed copy in a kernel of its own, as bytes: stored from the loss's kernel (as its tile, or tl.trans of
+    # it, in float8 or as uint8), it came out wrong on an H100 wherever the sizes were multiples of 16, training's
+    # among them, under Triton 3.6 (bench/RESULTS.md 2026-11-26 (h)). This way both take 10.7 ms at 65,536 x 50,304.
+    @triton.jit
+    def transpose_bytes_kernel(src_ptr, dst_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        tile = tl.load(src_ptr + rows[:, None].to(tl.int64) * C + cols[None, :],
+                       mask=(rows < R)[:, None] & (cols < C)[None, :], other=0)
+        tl.store(dst_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], tl.trans(tile),
+                 mask=(cols < C)[:, None] & (rows < R)[None, :])
 
 
 def softcapped_cross_entropy_reference(logits, targets, softcap, pad_token):
@@ -834,8 +845,10 @@ def softcapped_cross_entropy_triton(logits, targets, softcap, pad_token):
     grad8_t = torch.empty(V, N, dtype=torch.float8_e5m2, device=logits.device)
     block_m, block_v, warps = FUSED_LOSS_TILE
     softcapped_cross_entropy_kernel[(triton.cdiv(N, block_m),)](
-        logits, targets, losses, grad8, grad8_t, N, float(softcap) or 1.0, pad_token, V=V, HAS_CAP=softcap > 0,
+        logits, targets, losses, grad8, N, float(softcap) or 1.0, pad_token, V=V, HAS_CAP=softcap > 0,
         BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps)
+    transpose_bytes_kernel[(triton.cdiv(N, 64), triton.cdiv(V, 64))](
+        grad8.view(torch.uint8), grad8_t.view(torch.uint8), N, V, BLOCK_R=64, BLOCK_C=64, num_warps=4)
     return losses, grad8, grad8_t
 
 
@@ -867,11 +880,11 @@ else:
 class FP8HeadLoss(torch.autograd.Function):
     """--fused_head_loss: the FP8 head's product, the soft-capped cross-entropy (mean over the scored targets) and
     the logits' gradient in one forward. The gradient is known in the forward (dloss/dlogit = softmax - one-hot,
-    times the cap's slope, over the scored count): one kernel writes it in float8 in both layouts the backward's two
-    products need, and the bf16 logits are freed at once. In step 43's compiled model the loss's kernels took 60.7 ms
-    of a 284 ms step, the transposed float8 gradient written from inside the loss's backward reduction (bench/RESULTS.md
-    2026-11-26 (f)). The backward scales the gradient by the loss's own gradient (1 / accumulation steps) in the
-    products' scales: the float8 values do not depend on it."""
+    times the cap's slope, over the scored count): one kernel writes it in float8, a second its transpose (the two
+    layouts the backward's two products need), and the bf16 logits are freed at once. In step 43's compiled model
+    the loss's kernels took 60.7 ms of a 284 ms step, the transposed float8 gradient written from inside the loss's
+    backward reduction (bench/RESULTS.md 2026-11-26 (f)). The backward scales the gradient by the loss's own gradient
+    (1 / accumulation steps) in the products' scales: the float8 values do not depend on it."""
 
     @staticmethod
     def forward(ctx, x, w, targets, softcap, pad_token):  # x (N, n_embd), w (vocab_size, n_embd), targets (N,)
