@@ -1,6 +1,6 @@
 """Step 46 of the lineage: add long and short windows: the listed blocks attend over the window, the others over half.
 Parent: 45-add-faster-window-growth.py
-Off: blocks 0, 3, 7 long: +4.9% tokens/s, +0.004 final val on step 45 (1.0999, H100, bench/RESULTS.md (h)).
+Off: alone on step 45 +4.9% tokens/s at +0.004 final val (RESULTS (h)); on in step 51, #28's shape (RESULTS (i))
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:

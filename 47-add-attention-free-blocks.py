@@ -1,6 +1,6 @@
 """Step 47 of the lineage: add attention-free blocks: the listed blocks have an MLP, no attention (#28: block 7).
 Parent: 46-add-long-short-windows.py
-Off: block 5 of 8 attention-free: +6.6% tokens/s, +0.009 final val on step 45 (1.1044, H100, bench/RESULTS.md (h)).
+Off: block 5 alone on step 45 +6.6% tokens/s at +0.009 final val (RESULTS (h)); step 51 drops block 7's (RESULTS (i)).
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:

@@ -1,6 +1,6 @@
 """Step 48 of the lineage: add U-net skips: the first half's block outputs feed the second half's inputs, weighted.
 Parent: 47-add-attention-free-blocks.py
-Off until measured on bench100m: records #9 and #11 added them; a few scalar weights, one add per skipped block.
+Off: measured, +0.003 final val in #28's shape with steps 46 and 47 (1.0969 vs 1.0943, H100, bench/RESULTS.md (i)).
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:

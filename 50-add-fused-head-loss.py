@@ -1,6 +1,6 @@
 """Step 50 of the lineage: add the fused head loss: the FP8 head, the soft-capped loss and its float8 gradient at once.
 Parent: 49-add-attention-gate.py
-Off until measured in training: the head alone in 27.3 ms, not 37.0 (H100, bench/RESULTS.md 2026-11-26 (h)).
+Off: +7.5% tokens/s at +0.003 final val on step 45 (H100, bench/RESULTS.md (i)), but 6 GB more at peak (38.7 GB).
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
