@@ -110,10 +110,11 @@ def no_network(monkeypatch):
 
 # ckpt_every=0 and sample_every=0: a tiny run writes no checkpoint (each is ~20 MB, mostly the embedding) and
 # prints no samples unless its test asks for them, so the suite stays fast and leaves little on disk.
-# value_embeddings=1: 2 layers hold one table (step 34's default of 2 needs 4).
+# value_embeddings=1: 2 layers hold one table (step 34's default of 2 needs 4); step 51's long-window and
+# attention-free blocks (0, 4, 11 and 7) are not among 2, so every block attends alike.
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, total_batch_size=128, max_steps=5,
             warmup_steps=1, device="cpu", val_tokens=256, val_every=0, ckpt_every=0, sample_every=0,
-            value_embeddings=1)
+            value_embeddings=1, long_window_layers="", attention_free_layers="")
 
 
 def tiny_args(script, data, out_dir, **overrides):

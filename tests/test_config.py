@@ -12,10 +12,11 @@ from conftest import REPO, SCRIPTS, load_script
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_overrides_are_parsed_with_the_field_type(script):
     module = load_script(script)
-    # 4 layers: step 34's default 2 value-embedding tables need 2 x 2 blocks (tests/test_value_embeddings.py)
-    cfg = module.parse_config(["--n_layer=4", "--learning_rate=1e-3", "--compile=true", "--data=x.txt",
+    # 16 layers: step 34's default 2 value-embedding tables need 2 x 2 blocks (tests/test_value_embeddings.py), and
+    # step 51's default block lists name blocks up to 11
+    cfg = module.parse_config(["--n_layer=16", "--learning_rate=1e-3", "--compile=true", "--data=x.txt",
                                "--run-name=abc"])
-    assert (cfg.n_layer, cfg.learning_rate, cfg.compile, cfg.data, cfg.run_name) == (4, 1e-3, True, "x.txt", "abc")
+    assert (cfg.n_layer, cfg.learning_rate, cfg.compile, cfg.data, cfg.run_name) == (16, 1e-3, True, "x.txt", "abc")
     assert isinstance(cfg.n_layer, int) and isinstance(cfg.learning_rate, float)
     assert module.parse_config(["--compile=0"]).compile is False
     assert module.parse_config([]) == module.Config()
