@@ -1,6 +1,6 @@
 """Step 50 of the lineage: add the fused head loss: the FP8 head, the soft-capped loss and its float8 gradient at once.
 Parent: 49-add-attention-gate.py
-Off: +7.5% tokens/s at +0.003 final val on step 45 (H100, bench/RESULTS.md (i)), but 6 GB more at peak (38.7 GB).
+Off: +7.5% tokens/s at +0.003 final val on step 45 (RESULTS (i)); its 6 GB more at peak since cut to chunks, unmeasured.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
@@ -246,6 +246,7 @@ EOT = 50256  # GPT-2's <|endoftext|>: fineweb-npy.py starts every document with 
 FLEX_BLOCK_SIZE = 128  # FlexAttention's tile: the block mask lists the 128 x 128 tiles that hold any allowed pair
 E5M2_MAX = 57344.0  # float8 e5m2's largest value: --fused_head_loss's gradient, at most 1 in size, is scaled by it
 FUSED_LOSS_TILE = (64, 128, 8)  # --fused_head_loss's kernel: rows and vocabulary columns per tile, warps per program
+FUSED_LOSS_ROWS = 16384  # --fused_head_loss: rows of logits at a time (bf16 logits of 16,384 x 50,304: 1.6 GB)
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "53493bf304b639aba6a47400da75c58ce32372b378fd2cd9d16ee987aeb12e4e"
@@ -768,7 +769,7 @@ class FP8ForwardLinear(torch.autograd.Function):
 
 if triton is not None:
     # BLOCK_M rows of logits, read twice: first each capped row's log-sum-exp, then each logit's gradient, written in
-    # float8 in the logits' layout; transpose_bytes_kernel then writes its transpose (_scaled_mm needs both layouts)
+    # float8 in the logits' layout; the backward has transpose_bytes_kernel write its transpose (_scaled_mm needs both)
     @triton.jit
     def softcapped_cross_entropy_kernel(logits_ptr, targets_ptr, losses_ptr, grad_ptr, N, softcap,
                                         pad_token, V: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -810,7 +811,7 @@ if triton is not None:
 
     # The transposed copy in a kernel of its own, as bytes: stored from the loss's kernel (as its tile, or tl.trans of
     # it, in float8 or as uint8), it came out wrong on an H100 wherever the sizes were multiples of 16, training's
-    # among them, under Triton 3.6 (bench/RESULTS.md 2026-11-26 (h)). This way both take 10.7 ms at 65,536 x 50,304.
+    # among them, under Triton 3.6 (bench/RESULTS.md 2026-11-26 (h)). This way both took 10.7 ms at 65,536 x 50,304.
     @triton.jit
     def transpose_bytes_kernel(src_ptr, dst_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -823,7 +824,7 @@ if triton is not None:
 
 def softcapped_cross_entropy_reference(logits, targets, softcap, pad_token):
     """Each row's cross-entropy of the capped logits (0 where the target is pad_token) and its gradient with respect
-    to the logits times E5M2_MAX (|gradient| <= 1: exact in e5m2's range), in float8, and transposed."""
+    to the logits times E5M2_MAX (|gradient| <= 1: exact in e5m2's range), in float8."""
     z = logits.float()
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
@@ -835,26 +836,23 @@ def softcapped_cross_entropy_reference(logits, targets, softcap, pad_token):
     if softcap > 0:
         grad = grad * (1 - (z / softcap) ** 2)
     grad8 = (torch.where(scored[:, None], grad, 0.0) * E5M2_MAX).clamp(-E5M2_MAX, E5M2_MAX).to(torch.float8_e5m2)
-    return losses, grad8, grad8.t().contiguous()
+    return losses, grad8
 
 
 def softcapped_cross_entropy_triton(logits, targets, softcap, pad_token):
     N, V = logits.shape
     losses = torch.empty(N, dtype=torch.float32, device=logits.device)
     grad8 = torch.empty(N, V, dtype=torch.float8_e5m2, device=logits.device)
-    grad8_t = torch.empty(V, N, dtype=torch.float8_e5m2, device=logits.device)
     block_m, block_v, warps = FUSED_LOSS_TILE
     softcapped_cross_entropy_kernel[(triton.cdiv(N, block_m),)](
         logits, targets, losses, grad8, N, float(softcap) or 1.0, pad_token, V=V, HAS_CAP=softcap > 0,
         BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps)
-    transpose_bytes_kernel[(triton.cdiv(N, 64), triton.cdiv(V, 64))](
-        grad8.view(torch.uint8), grad8_t.view(torch.uint8), N, V, BLOCK_R=64, BLOCK_C=64, num_warps=4)
-    return losses, grad8, grad8_t
+    return losses, grad8
 
 
 def softcapped_cross_entropy_impl(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
-                                  pad_token: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's loss, and the gradient of their sum in float8 in both layouts: the kernel on CUDA, torch ops else."""
+                                  pad_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's loss, and the gradient of their sum in float8: the kernel on CUDA, torch ops elsewhere."""
     if logits.is_cuda and triton is not None:
         return softcapped_cross_entropy_triton(logits, targets, softcap, pad_token)
     return softcapped_cross_entropy_reference(logits, targets, softcap, pad_token)
@@ -862,49 +860,77 @@ def softcapped_cross_entropy_impl(logits: torch.Tensor, targets: torch.Tensor, s
 
 def softcapped_cross_entropy_shapes(logits, targets, softcap, pad_token):
     N, V = logits.shape
-    return (logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, V, dtype=torch.float8_e5m2),
-            logits.new_empty(V, N, dtype=torch.float8_e5m2))
+    return logits.new_empty(N, dtype=torch.float32), logits.new_empty(N, V, dtype=torch.float8_e5m2)
 
 
-# A custom op: torch.compile calls it as one opaque op and sees only its output shapes. Its namespace is the step's
-# number, and a second import of the same file (the tests import steps many times) finds it registered
+def transpose_float8_triton(a):
+    R, C = a.shape
+    out = a.new_empty(C, R)
+    transpose_bytes_kernel[(triton.cdiv(R, 64), triton.cdiv(C, 64))](
+        a.view(torch.uint8), out.view(torch.uint8), R, C, BLOCK_R=64, BLOCK_C=64, num_warps=4)
+    return out
+
+
+def transpose_float8_impl(a: torch.Tensor) -> torch.Tensor:
+    """a's transpose, contiguous: transpose_bytes_kernel on CUDA, torch elsewhere."""
+    if a.is_cuda and triton is not None:
+        return transpose_float8_triton(a)
+    return a.t().contiguous()
+
+
+# Custom ops: torch.compile calls each as one opaque op and sees only its output shapes. Their namespace is the
+# step's number, and a second import of the same file (the tests import steps many times) finds them registered
 OP_NAMESPACE = "lineage" + os.path.basename(__file__).split("-")[0]
 if hasattr(getattr(torch.ops, OP_NAMESPACE), "softcapped_cross_entropy"):
     softcapped_cross_entropy = getattr(torch.ops, OP_NAMESPACE).softcapped_cross_entropy
+    transpose_float8 = getattr(torch.ops, OP_NAMESPACE).transpose_float8
 else:
     softcapped_cross_entropy = torch.library.custom_op(f"{OP_NAMESPACE}::softcapped_cross_entropy", mutates_args=())(
         softcapped_cross_entropy_impl)
     softcapped_cross_entropy.register_fake(softcapped_cross_entropy_shapes)
+    transpose_float8 = torch.library.custom_op(f"{OP_NAMESPACE}::transpose_float8", mutates_args=())(
+        transpose_float8_impl)
+    transpose_float8.register_fake(lambda a: a.new_empty(a.shape[1], a.shape[0]))
 
 
 class FP8HeadLoss(torch.autograd.Function):
     """--fused_head_loss: the FP8 head's product, the soft-capped cross-entropy (mean over the scored targets) and
     the logits' gradient in one forward. The gradient is known in the forward (dloss/dlogit = softmax - one-hot,
-    times the cap's slope, over the scored count): one kernel writes it in float8, a second its transpose (the two
-    layouts the backward's two products need), and the bf16 logits are freed at once. In step 43's compiled model
-    the loss's kernels took 60.7 ms of a 284 ms step, the transposed float8 gradient written from inside the loss's
-    backward reduction (bench/RESULTS.md 2026-11-26 (f)). The backward scales the gradient by the loss's own gradient
-    (1 / accumulation steps) in the products' scales: the float8 values do not depend on it."""
+    times the cap's slope, over the scored count): FUSED_LOSS_ROWS rows at a time, the head's product makes their
+    bf16 logits and one kernel their loss and float8 gradient, and the logits are freed at once. The backward
+    transposes each chunk's gradient (a second kernel: the weight's product needs that layout) just before using it,
+    so at most one chunk's logits or transposed gradient exists beside the float8 gradient (3.3 GB at 65,536 x
+    50,304; the whole transposed copy, made in the forward, cost 6 GB more at peak, bench/RESULTS.md 2026-11-26 (i)).
+    The backward scales the gradient by the loss's own gradient (1 / accumulation steps) in the products' scales:
+    the float8 values do not depend on it."""
 
     @staticmethod
     def forward(ctx, x, w, targets, softcap, pad_token):  # x (N, n_embd), w (vocab_size, n_embd), targets (N,)
         x8, x_scale = to_float8(x, torch.float8_e4m3fn)
         w8, w_scale = to_float8(w, torch.float8_e4m3fn)
-        logits = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
-        losses, g8, g8_t = softcapped_cross_entropy(logits, targets, float(softcap), int(pad_token))
+        losses, grads = [], []
+        for x8_rows, targets_rows in zip(x8.split(FUSED_LOSS_ROWS), targets.split(FUSED_LOSS_ROWS)):
+            logits = torch._scaled_mm(x8_rows, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+            rows_losses, rows_g8 = softcapped_cross_entropy(logits, targets_rows, float(softcap), int(pad_token))
+            losses.append(rows_losses)
+            grads.append(rows_g8)
         scored = (targets != pad_token).sum().clamp(min=1).float()
-        ctx.save_for_backward(x8, x_scale, w8, w_scale, g8, g8_t, scored)
+        ctx.save_for_backward(x8, x_scale, w8, w_scale, scored, *grads)
         ctx.w_dtype = w.dtype
-        return losses.sum() / scored
+        return torch.cat(losses).sum() / scored
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x8, x_scale, w8, w_scale, g8, g8_t, scored = ctx.saved_tensors
+        x8, x_scale, w8, w_scale, scored, *grads = ctx.saved_tensors
         g_scale = grad_loss.float() / (scored * E5M2_MAX)  # g8 holds the gradient of the summed loss times E5M2_MAX
-        grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_scale, scale_b=w_scale,
-                                  out_dtype=torch.bfloat16)
-        grad_w = torch._scaled_mm(g8_t, x8.t().contiguous().t(), scale_a=g_scale, scale_b=x_scale,
-                                  out_dtype=torch.float32)
+        w8_columns = w8.t().contiguous().t()  # _scaled_mm's second operand is column-major
+        grad_x = torch.cat([torch._scaled_mm(g8, w8_columns, scale_a=g_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+                            for g8 in grads])
+        grad_w = None
+        for g8, x8_rows in zip(grads, x8.split(FUSED_LOSS_ROWS)):
+            part = torch._scaled_mm(transpose_float8(g8), x8_rows.t().contiguous().t(), scale_a=g_scale,
+                                    scale_b=x_scale, out_dtype=torch.float32)
+            grad_w = part if grad_w is None else grad_w + part
         return grad_x, grad_w.to(ctx.w_dtype), None, None, None
 
 

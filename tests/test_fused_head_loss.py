@@ -1,7 +1,8 @@
-"""--fused_head_loss (candidate step 50, off: wrong on CUDA): in training, the FP8 head's product, the soft-capped
-cross-entropy and the logits' float8 gradient in both layouts come from one forward (a Triton kernel on CUDA, torch
-ops elsewhere). The loss and the gradients are the unfused FP8 head's to float8 rounding, evaluation keeps the exact
-head, bad combinations fail early, and off the step is its parent (step 49)."""
+"""--fused_head_loss (step 50, off): in training, the FP8 head's product, the soft-capped cross-entropy and the
+logits' float8 gradient come from one forward, a chunk of rows at a time (a Triton kernel on CUDA, torch ops
+elsewhere); the backward transposes each chunk's gradient as it uses it. The loss and the gradients are the unfused
+FP8 head's to float8 rounding, and the same in chunks as whole; evaluation keeps the exact head, bad combinations
+fail early, and off the step is its parent (step 49)."""
 import json
 import os
 import subprocess
@@ -38,13 +39,15 @@ def test_off_by_default_and_off_is_the_parent():
 @pytest.mark.parametrize("softcap, pad_token", [(15.0, -1), (0.0, -1), (2.0, 7)])
 def test_the_loss_and_the_float8_gradient_in_both_layouts(softcap, pad_token):
     """Each row's loss is the exact one (0 where the target is padding); the gradient, times E5M2_MAX in float8, is
-    the exact gradient of the summed loss to e5m2's rounding (zero on padding rows), and its transposed copy is it."""
+    the exact gradient of the summed loss to e5m2's rounding (zero on padding rows), and transpose_float8 is its
+    transpose."""
     generator = torch.Generator().manual_seed(0)
     logits = (5 * torch.randn(48, 80, generator=generator)).to(torch.bfloat16)
     targets = torch.randint(0, 80, (48,), generator=generator)
     if pad_token >= 0:
         targets[::3] = pad_token
-    losses, g8, g8_t = lever.softcapped_cross_entropy(logits, targets, softcap, pad_token)
+    losses, g8 = lever.softcapped_cross_entropy(logits, targets, softcap, pad_token)
+    g8_t = lever.transpose_float8(g8)
     exact_losses, exact_grad = exact_loss_and_grad(logits, targets, softcap, pad_token)
     torch.testing.assert_close(losses, exact_losses, rtol=1e-5, atol=1e-5)
     assert g8.dtype == g8_t.dtype == torch.float8_e5m2 and torch.equal(g8_t.float(), g8.float().t())
@@ -73,6 +76,29 @@ def test_loss_and_gradients_are_the_unfused_fp8_heads():
     assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-5)
     assert relative_error(grads[True][1], grads[False][1]) < 0.03
     assert relative_error(grads[True][2], grads[False][2]) < 0.03
+
+
+def test_in_chunks_of_rows_as_whole_and_transposed_only_in_the_backward(monkeypatch):
+    """FUSED_LOSS_ROWS rows at a time: the loss and both gradients are the whole product's (the weight's summed over
+    the chunks); no transposed gradient is made in the forward, one a chunk in the backward."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 32, generator=generator)
+    w = 0.3 * torch.randn(96, 32, generator=generator)
+    targets = torch.randint(0, 96, (64,), generator=generator)
+    results = {}
+    for rows in (64, 16):
+        monkeypatch.setattr(lever, "FUSED_LOSS_ROWS", rows)
+        transposed = []
+        monkeypatch.setattr(lever, "transpose_float8", lambda a: transposed.append(a.shape) or a.t().contiguous())
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = lever.FP8HeadLoss.apply(xi, wi, targets, 15.0, -1)
+        assert transposed == []
+        loss.backward()
+        assert transposed == [(rows, 96)] * (64 // rows)
+        results[rows] = (loss.item(), xi.grad, wi.grad)
+    assert results[16][0] == pytest.approx(results[64][0], rel=1e-6)
+    assert torch.equal(results[16][1], results[64][1])
+    torch.testing.assert_close(results[16][2], results[64][2], rtol=1e-5, atol=1e-6)
 
 
 def test_training_uses_it_and_evaluation_does_not(monkeypatch):
@@ -120,8 +146,9 @@ for softcap, pad_token, rows, vocab in ((15.0, -1, 70, 300), (0.0, -1, 70, 300),
     reference = step.softcapped_cross_entropy_reference(logits, targets, softcap, pad_token)
     k8, r8 = kernel[1].float().cpu(), reference[1].float().cpu()
     differ = k8 != r8
+    transposed = step.transpose_float8_triton(kernel[1])
     out.append(dict(loss_error=(kernel[0] - reference[0]).abs().max().item(),
-                    transposed=torch.equal(kernel[2].float().cpu(), k8.t()), differ=differ.float().mean().item(),
+                    transposed=torch.equal(transposed.float().cpu(), k8.t()), differ=differ.float().mean().item(),
                     error=((k8 - r8).norm() / r8.norm()).item()))
 print(json.dumps(out))
 """
