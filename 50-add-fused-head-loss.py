@@ -1,6 +1,6 @@
 """Step 50 of the lineage: add the fused head loss: the FP8 head, the soft-capped loss and its float8 gradient at once.
 Parent: 49-add-attention-gate.py
-Off: +7.5% tokens/s at +0.003 final val on step 45 (RESULTS (i)); its 6 GB more at peak since cut to chunks, unmeasured.
+Off: +7.5% tokens/s at +0.003 final val on 45 (RESULTS (i)); chunked, on 51: +6.2%, same val, 30,882 MiB not 32,714 (j).
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
