@@ -1,8 +1,12 @@
 """What the tests of a lever step (38 on) share: the step and its parent, a tiny model of either, one fixed batch,
 and a few optimizer steps on it. Each lever's own test file then checks what its switch claims."""
+import dataclasses
+
 import torch
 
-from conftest import load_script, script_number, step_adding
+from conftest import load_script, script_number, step_adding, tiny_args
+
+REAL_COMPILE = torch.compile  # before any test replaces it
 
 # 2 blocks of width 64 on SDPA (FlexAttention has no backward on the CPU), a value-embedding table, plain rates
 TINY = dict(vocab_size=128, block_size=32, n_layer=2, n_head=2, n_embd=64, window=0, window_ramp=False,
@@ -46,3 +50,29 @@ def train(model, cfg, module, steps, autocast=False, after_step=None):
         if after_step:
             after_step(step)
     return losses
+
+
+def assert_recipe_defaults(step, parent, recipe, old):
+    """A recipe step (one that changes defaults): its defaults hold `recipe`, its parent's hold `old`, and given `old`
+    on the command line, alone or after each preset, the step's config is its parent's (a field that the preset sets
+    stays the preset's, in both)."""
+    assert {field: getattr(step.Config(), field) for field in recipe} == recipe
+    assert {field: getattr(parent.Config(), field) for field in old} == old
+    for name in (None, "bench100m", "demo"):
+        preset = [f"--preset={name}"] if name else []
+        given = [f"--{field}={value}" for field, value in old.items() if field not in step.PRESETS.get(name, {})]
+        assert dataclasses.asdict(step.parse_config(preset + given)) == dataclasses.asdict(parent.parse_config(preset))
+
+
+def traced_run(module, monkeypatch, data, out_dir, **overrides):
+    """(the result of module.main, every function or module given to torch.compile): a tiny run of a lineage step
+    with every torch.compile call recorded and given dynamo's eager backend (traced, nothing goes to inductor)."""
+    compiled = []
+
+    def recording_compile(fn, **kwargs):
+        compiled.append(fn)
+        return REAL_COMPILE(fn, backend="eager")
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    args = {**dict(max_steps=4, attention="sdpa", blockmask_from_kv_blocks=False, window=0, window_ramp=False,
+                   kernel_warmup_steps=0, val_every=2, run_name=str(len(list(out_dir.iterdir())))), **overrides}
+    return module.main(tiny_args(module.__file__, data, out_dir, **args)), compiled

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import load_script
-from lever_helpers import build, train
+from lever_helpers import assert_recipe_defaults, build, train
 
 step = load_script(52)
 parent = load_script(51)
@@ -18,13 +18,7 @@ OLD = dict(fused_head_loss=False, fp8_head_backward="bf16")
 
 
 def test_the_defaults_are_the_recipe_and_the_old_values_are_the_parent():
-    cfg = step.parse_config([])
-    assert {field: getattr(cfg, field) for field in RECIPE} == RECIPE
-    assert {field: getattr(parent.Config(), field) for field in OLD} == OLD
-    for name in (None, "bench100m", "demo"):  # the old values of the fields a preset leaves to the defaults
-        preset = [f"--preset={name}"] if name else []
-        old = [f"--{field}={value}" for field, value in OLD.items() if field not in step.PRESETS.get(name, {})]
-        assert dataclasses.asdict(step.parse_config(preset + old)) == dataclasses.asdict(parent.parse_config(preset))
+    assert_recipe_defaults(step, parent, RECIPE, OLD)
 
 
 def test_the_measured_run_is_the_bench_default():

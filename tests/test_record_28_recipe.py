@@ -3,13 +3,11 @@
 4 and 11, step 47's block 7 without attention and step 49's 12-channel attention gate. Given the old values back on
 the command line it is step 50, config for config and loss for loss; each of the three switches still changes what
 it claims; a shape the defaults' block lists do not fit fails early, naming the field."""
-import dataclasses
-
 import pytest
 import torch
 
 from conftest import load_script
-from lever_helpers import build, train
+from lever_helpers import assert_recipe_defaults, build, train
 
 step = load_script(51)
 parent = load_script(50)
@@ -23,13 +21,7 @@ SMALL_RECIPE = dict(n_layer=12, n_head=6, n_embd=48, mlp_ratio=4.0, window=8, wi
 
 
 def test_the_defaults_are_the_recipe_and_the_old_values_are_the_parent():
-    cfg = step.parse_config([])
-    assert {field: getattr(cfg, field) for field in RECIPE} == RECIPE
-    assert {field: getattr(parent.Config(), field) for field in OLD} == OLD
-    for name in (None, "bench100m", "demo"):  # the old values of the fields a preset leaves to the defaults
-        preset = [f"--preset={name}"] if name else []
-        old = [f"--{field}={value}" for field, value in OLD.items() if field not in step.PRESETS.get(name, {})]
-        assert dataclasses.asdict(step.parse_config(preset + old)) == dataclasses.asdict(parent.parse_config(preset))
+    assert_recipe_defaults(step, parent, RECIPE, OLD)
     assert step.parse_config(["--preset=bench100m"]).n_layer == 12  # the benchmark trains the recipe's model
 
 
