@@ -7,25 +7,14 @@ samples; the default is step 53."""
 import pytest
 import torch
 
-from conftest import tiny_args
 from lever_helpers import build, lever_and_parent, train
+from lever_helpers import traced_run as traced_step_run
 
 lever, parent_step = lever_and_parent("val_compile_scope")
-REAL_COMPILE = torch.compile
 
 
 def traced_run(monkeypatch, shakespeare, tmp_path, **overrides):
-    """A tiny run of the lever step; every torch.compile call recorded and given the eager backend."""
-    compiled = []
-
-    def recording_compile(fn, **kwargs):
-        compiled.append(fn)
-        return REAL_COMPILE(fn, backend="eager")
-    monkeypatch.setattr(torch, "compile", recording_compile)
-    args = {**dict(max_steps=4, attention="sdpa", blockmask_from_kv_blocks=False, window=0, window_ramp=False,
-                   kernel_warmup_steps=0, val_every=2, val_target=0.0, run_name=str(len(list(tmp_path.iterdir())))), **overrides}
-    result = lever.main(tiny_args(lever.__file__, shakespeare, tmp_path, **args))
-    return result, compiled
+    return traced_step_run(lever, monkeypatch, shakespeare, tmp_path, **{"val_target": 0.0, **overrides})
 
 
 def test_off_by_default_and_off_is_the_parent():
