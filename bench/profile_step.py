@@ -29,7 +29,7 @@ GROUPS = [
     ("memcpy / memset", r"memcpy|memset"),
     ("attention (flex / sdpa)", r"flex_attention|flash|attention|fmha|attn"),
     ("matrix multiply (cuBLAS / CUTLASS)", r"gemm|nvjet|cutlass|sm90_xmma|sm80_xmma|splitk"),
-    ("loss (log-softmax)", r"log_softmax"),
+    ("loss (log-softmax, the fused head's loss and transpose)", r"log_softmax|softcapped_cross_entropy|transpose_bytes"),
     ("compiled fused kernels (triton)", r"^triton_"),
 ]
 

@@ -36,6 +36,8 @@ def test_kernels_are_grouped_by_name():
     assert profile_step.kernel_group("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT").startswith("matrix multiply")
     assert profile_step.kernel_group("triton_tem_fused_flex_attention_backward_23").startswith("attention")
     assert profile_step.kernel_group("triton_red_fused__log_softmax__to_copy_22").startswith("loss")
+    assert profile_step.kernel_group("softcapped_cross_entropy_kernel").startswith("loss")  # step 50's fused head
+    assert profile_step.kernel_group("transpose_bytes_kernel").startswith("loss")
     assert profile_step.kernel_group("triton_poi_fused__fused_rms_norm_add_mul_4").startswith("compiled fused")
     assert profile_step.kernel_group("ncclDevKernel_AllReduce_Sum_bf16_RING_LL").startswith("nccl")
     assert profile_step.kernel_group("void at::native::vectorized_elementwise_kernel<4>").startswith("other")

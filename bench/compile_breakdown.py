@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Where a run's compile and warm-up time goes: run a lineage script's main() (steps 25 on: those with the kernel
+warm-up) and write the seconds from the warm-up's start to the end of each of its throwaway optimizer steps and of
+its validation, then torch.compile's own table of where its time went (dynamo, inductor, Triton's workers).
+
+    python bench/compile_breakdown.py --out cb 53-recipe-two-attention-free-blocks.py --preset=bench100m \\
+        --data=/tmp/pycorpus/npy --max_steps=1 --val_every=0 --val_tokens=1048576
+
+The first step holds the training graphs' compile (forward and backward), the validation the eval graph's. Give the
+script a short run (--max_steps=1, --val_every=0): only the warm-up is measured. `compile.txt` in --out holds it all.
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+
+
+def load_script(path):
+    spec = importlib.util.spec_from_file_location("compiled_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compiled_script"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for compile.txt")
+    parser.add_argument("script", help="a lineage script (NN-....py), step 25 or later")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key=value overrides for the script")
+    args = parser.parse_args(argv)
+    module = load_script(args.script)
+    if not hasattr(module, "warm_up_kernels"):
+        raise SystemExit(f"{args.script} has no kernel warm-up (step 25 adds it): nothing to break down")
+    cfg = module.parse_config(args.overrides)  # a bad override fails here, before any GPU work
+    if cfg.kernel_warmup_steps < 1:
+        raise SystemExit("--kernel_warmup_steps=0: the warm-up is off, nothing to break down; give it >= 1")
+    os.makedirs(args.out, exist_ok=True)
+
+    marks, start = [], []  # (what ended, seconds since the warm-up started)
+    warm_up, evaluate = module.warm_up_kernels, module.evaluate
+    optimizer_class = module.Muon if cfg.optimizer == "muon" else torch.optim.AdamW
+    optimizer_step = optimizer_class.step
+
+    def mark(what):
+        if start:  # inside the warm-up only
+            synchronize()
+            marks.append((what, time.perf_counter() - start[0]))
+
+    def timed_warm_up(*warm_args, **warm_kwargs):
+        synchronize()
+        start.append(time.perf_counter())
+        result = warm_up(*warm_args, **warm_kwargs)
+        mark("the warm-up (restored)")
+        start.clear()
+        return result
+
+    def timed_evaluate(*eval_args, **eval_kwargs):
+        result = evaluate(*eval_args, **eval_kwargs)
+        mark("its validation")
+        return result
+
+    def timed_step(self, *step_args, **step_kwargs):
+        result = optimizer_step(self, *step_args, **step_kwargs)
+        mark(f"step {sum(what.startswith('step') for what, _ in marks) + 1}")
+        return result
+    module.warm_up_kernels, module.evaluate, optimizer_class.step = timed_warm_up, timed_evaluate, timed_step
+    try:
+        module.main(args.overrides)
+    finally:
+        module.warm_up_kernels, module.evaluate, optimizer_class.step = warm_up, evaluate, optimizer_step
+    lines = [" ".join([args.script] + args.overrides), "seconds from the warm-up's start to the end of:"]
+    previous = 0.0
+    for what, seconds in marks:
+        lines.append(f"  {what:<24} {seconds:8.1f}  (+{seconds - previous:.1f})")
+        previous = seconds
+    lines += ["", torch._dynamo.utils.compile_times(repr="str", aggregate=True)]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "compile.txt"), "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
