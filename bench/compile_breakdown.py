@@ -3,7 +3,7 @@
 warm-up) and write the seconds from the warm-up's start to the end of each of its throwaway optimizer steps and of
 its validation, then torch.compile's own table of where its time went (dynamo, inductor, Triton's workers).
 
-    python bench/compile_breakdown.py --out cb 53-recipe-two-attention-free-blocks.py --preset=bench100m \\
+    python bench/compile_breakdown.py --out cb 54-add-regional-validation-compile.py --preset=bench100m \\
         --data=/tmp/pycorpus/npy --max_steps=1 --val_every=0 --val_tokens=1048576
 
 The first step holds the training graphs' compile (forward and backward), the validation the eval graph's. Give the

@@ -1,9 +1,9 @@
-"""--val_compile_scope (step 54, off): with the whole model compiled for training, `blocks` validates through a
-second view of the same model whose blocks and head are compiled regions, so validation does not cost a second
-whole-model compile. Here with dynamo's eager backend (traced, nothing goes to inductor): training still compiles the
-whole model once; validation goes through the regions, shares every weight (its losses are the eager run's at every
-validation, after training moved the weights), traces nothing after its first call; raw_model stays uncompiled for
-samples; the default is step 53."""
+"""--val_compile_scope (step 54, `blocks` by default): with the whole model compiled for training, `blocks` validates
+through a second view of the same model whose blocks and head are compiled regions, so validation does not cost a
+second whole-model compile. Here with dynamo's eager backend (traced, nothing goes to inductor): training still
+compiles the whole model once; validation goes through the regions, shares every weight (its losses are the eager
+run's at every validation, after training moved the weights), traces nothing after its first call; raw_model stays
+uncompiled for samples; `same` is step 53."""
 import pytest
 import torch
 
@@ -17,21 +17,20 @@ def traced_run(monkeypatch, shakespeare, tmp_path, **overrides):
     return traced_step_run(lever, monkeypatch, shakespeare, tmp_path, **{"val_target": 0.0, **overrides})
 
 
-def test_off_by_default_and_off_is_the_parent():
-    assert lever.Config().val_compile_scope == "same" and not hasattr(parent_step.Config, "val_compile_scope")
-    model, cfg = build(lever)
+def test_on_by_default_and_off_is_the_parent():
+    assert lever.Config().val_compile_scope == "blocks" and not hasattr(parent_step.Config, "val_compile_scope")
+    model, cfg = build(lever, val_compile_scope="same")
     parent, parent_cfg = build(parent_step)
     assert train(model, cfg, lever, 3) == train(parent, parent_cfg, parent_step, 3)
 
 
 def test_validation_runs_the_regions_and_training_the_whole_model(monkeypatch, shakespeare, tmp_path):
     eager, _ = traced_run(monkeypatch, shakespeare, tmp_path, compile=False)
-    whole, whole_compiled = traced_run(monkeypatch, shakespeare, tmp_path, compile=True)
+    whole, whole_compiled = traced_run(monkeypatch, shakespeare, tmp_path, compile=True, val_compile_scope="same")
     torch._dynamo.reset()
-    regional, compiled = traced_run(monkeypatch, shakespeare, tmp_path, compile=True, val_compile_scope="blocks",
-                                    kernel_warmup_steps=1)
+    regional, compiled = traced_run(monkeypatch, shakespeare, tmp_path, compile=True, kernel_warmup_steps=1)
     model = regional["model"]
-    assert [type(fn).__name__ for fn in whole_compiled] == ["GPT"]  # the default: one graph for both
+    assert [type(fn).__name__ for fn in whole_compiled] == ["GPT"]  # same (step 53): one graph for both
     assert compiled[0] is model  # training: the whole model, as before
     blocks, head = compiled[1:-1], compiled[-1]
     assert blocks == list(model.transformer.h)  # validation: each of raw_model's own blocks ...
@@ -64,7 +63,8 @@ def test_only_with_the_whole_model_compiled(monkeypatch, shakespeare, tmp_path):
     _, compiled = traced_run(monkeypatch, shakespeare, tmp_path, compile=False, val_compile_scope="blocks")
     assert compiled == []
     torch._dynamo.reset()
-    _, regions = traced_run(monkeypatch, shakespeare, tmp_path, compile=True, compile_scope="blocks")
+    _, regions = traced_run(monkeypatch, shakespeare, tmp_path, compile=True, compile_scope="blocks",
+                            val_compile_scope="same")
     torch._dynamo.reset()
     _, both = traced_run(monkeypatch, shakespeare, tmp_path, compile=True, compile_scope="blocks",
                          val_compile_scope="blocks")
