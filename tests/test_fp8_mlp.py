@@ -1,9 +1,9 @@
-"""--fp8_mlp (step 55, off by default): in training, each MLP's two matrix products go through float8 (e4m3 operands,
+"""--fp8_mlp (step 55, full by default): in training, each MLP's two matrix products go through float8 (e4m3 operands,
 torch._scaled_mm, which runs on the CPU too), each operand scaled by its own largest entry. `forward` quantizes the
 forward's products and keeps the backward's in bf16 from the saved x and w; `full` quantizes the backward's too
 (e5m2 gradient). Both share the forward bit for bit, only `full` changes the gradients, the losses follow the exact
 ones, evaluation keeps the exact products, shapes float8 cannot tile and cards without float8 are refused before
-any GPU work, and off the step is its parent (step 54)."""
+any GPU work, and off the step is its parent (step 54). The demo preset (CPUs, MPS) keeps it off."""
 import pytest
 import torch
 
@@ -28,14 +28,15 @@ def loss_and_gradients(mode, seed=0):
     return loss.item(), grads
 
 
-def test_off_by_default_and_off_is_the_parent():
-    assert lever.Config().fp8_mlp == "off" and not hasattr(parent_step.Config, "fp8_mlp")
-    model, cfg = build(lever, **MLP_ON)
+def test_full_by_default_and_off_is_the_parent():
+    assert lever.Config().fp8_mlp == "full" and not hasattr(parent_step.Config, "fp8_mlp")
+    assert lever.parse_config(["--preset=demo"]).fp8_mlp == "off"
+    model, cfg = build(lever, fp8_mlp="off", **MLP_ON)
     parent, parent_cfg = build(parent_step, **MLP_ON)
     parent_losses = train(parent, parent_cfg, parent_step, 3)
     assert train(model, cfg, lever, 3) == parent_losses
-    fp8, fp8_cfg = build(lever, fp8_mlp="forward", **MLP_ON)
-    assert train(fp8, fp8_cfg, lever, 3) != parent_losses
+    default, default_cfg = build(lever, **MLP_ON)
+    assert train(default, default_cfg, lever, 3) != parent_losses
 
 
 def test_every_mlp_product_is_float8_in_training_and_none_in_evaluation(monkeypatch):
@@ -89,7 +90,7 @@ def test_evaluation_keeps_the_exact_products():
 def test_fp8_losses_follow_the_exact_ones(mode):
     model, cfg = build(lever, fp8_mlp=mode, **MLP_ON)
     fp8 = train(model, cfg, lever, 8)
-    model, cfg = build(lever, **MLP_ON)
+    model, cfg = build(lever, fp8_mlp="off", **MLP_ON)
     exact = train(model, cfg, lever, 8)
     assert fp8 != exact and fp8 == pytest.approx(exact, abs=0.05)
     assert fp8[-1] < fp8[0] - 0.5
@@ -99,7 +100,7 @@ def test_gated_mlps_and_biases_go_through_it_too():
     for overrides in (dict(activation="swiglu"), dict(bias=True)):
         model, cfg = build(lever, fp8_mlp="full", **MLP_ON, **overrides)
         fp8 = train(model, cfg, lever, 4)
-        model, cfg = build(lever, **MLP_ON, **overrides)
+        model, cfg = build(lever, fp8_mlp="off", **MLP_ON, **overrides)
         exact = train(model, cfg, lever, 4)
         assert fp8 != exact and fp8 == pytest.approx(exact, abs=0.05), overrides
 
@@ -109,7 +110,7 @@ def test_bad_values_and_shapes_float8_cannot_tile_are_refused():
         lever.parse_config(["--fp8_mlp=on"])
     with pytest.raises(SystemExit, match=r"--fp8_mlp needs --n_embd, its MLP width .* not 768, 3079.68, 8192"):
         lever.parse_config(["--fp8_mlp=full", "--mlp_ratio=4.01"])
-    assert lever.parse_config(["--fp8_mlp=full", "--mlp_ratio=4.01", "--fp8_mlp=off"]).fp8_mlp == "off"
+    assert lever.parse_config(["--mlp_ratio=4.01", "--fp8_mlp=off"]).fp8_mlp == "off"
     assert lever.parse_config(["--fp8_mlp=forward"]).fp8_mlp == "forward"
 
 
@@ -120,8 +121,8 @@ def test_cards_without_float8_are_refused_before_any_gpu_work(monkeypatch):
     cuda = torch.device("cuda", 0)
     no_head = dict(fp8_head=False, fused_head_loss=False)
     with pytest.raises(SystemExit, match=r"--fp8_mlp needs float8 matmuls .* A100-SXM4-80GB is 8.0: set --fp8_mlp=off"):
-        lever.check_device(lever.Config(fp8_mlp="full", **no_head), cuda)
-    lever.check_device(lever.Config(**no_head), cuda)
+        lever.check_device(lever.Config(**no_head), cuda)
+    lever.check_device(lever.Config(fp8_mlp="off", **no_head), cuda)
     with pytest.raises(SystemExit, match="--fp8_mlp needs float8 matmuls, which MPS does not have: set --fp8_mlp=off"):
         lever.check_device(lever.Config(fp8_mlp="forward", **no_head), torch.device("mps"))
     monkeypatch.setattr(lever.torch.cuda, "get_device_capability", lambda device: (9, 0))
