@@ -444,7 +444,9 @@ def stream(command, env, log_path, timeout, quiet):
 
 def protocol_overrides(args, overrides, fields, max_steps):
     """The overrides --bench100m adds: validation on the first BENCH100M_VAL_TOKENS val tokens, every quarter of
-    the run (unless the overrides set --val_every), for scripts that validate (04 on)."""
+    the run (unless the overrides set --val_every), for scripts that validate (04 on); and for scripts that stop at a
+    val target (19 on) --val_target=0 unless the overrides set it: the benchmark trains its whole budget (a step's
+    default target, 3.28, stops a run on the corpus after its first quarter)."""
     if not args.bench100m or "val_tokens" not in fields:
         return []
     if override_value(overrides, "val_tokens") not in (None, str(BENCH100M_VAL_TOKENS)):
@@ -453,6 +455,8 @@ def protocol_overrides(args, overrides, fields, max_steps):
     added = [f"--val_tokens={BENCH100M_VAL_TOKENS}"]
     if override_value(overrides, "val_every") is None:
         added.append(f"--val_every={math.ceil(max_steps / 4)}")
+    if "val_target" in fields and override_value(overrides, "val_target") is None:
+        added.append("--val_target=0")
     return added
 
 
@@ -532,6 +536,9 @@ def benchmark(args, overrides):
         status = "failed (no done line)"
     else:
         status = "ok"
+    trained = runlog.number(run["done"].get("tokens")) if run["done"] else None
+    if status == "ok" and trained is not None and trained < max_steps * total_batch_size:
+        status = f"short (stopped at {int(trained):,} of {max_steps * total_batch_size:,} tokens)"
     summary = {
         "name": name,
         "script": os.path.basename(script),

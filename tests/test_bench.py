@@ -340,6 +340,26 @@ def test_bench100m_protocol(tmp_path):
     assert done.returncode != 0 and "drop --val_tokens" in done.stderr
 
 
+def test_bench100m_trains_its_whole_budget(tmp_path):
+    """A script that stops at a val target (step 19 on: 3.28 by default) gets --val_target=0 under --bench100m unless
+    the overrides set one; a run that still ends before its budget is recorded as short, not ok."""
+    script = tmp_path / "99-stub.py"
+    script.write_text(STUB.replace("TOTAL_BATCH_SIZE", "25_165_824").replace("SLEEP", "0.0")
+                      .replace("    val_tokens: int = 1024\n", "    val_tokens: int = 1024\n    val_target: float = 3.28\n"))
+    results = tmp_path / "results.jsonl"
+    common = ["--script", str(script), "--bench100m", "--out", str(tmp_path), "--results", str(results),
+              "--no-torchrun"]
+    done = run_bench(*common, "--name", "whole", "--", "--data=unused")
+    assert done.returncode == 0 and "--val_every=1 --val_target=0 --max_steps=4 " in done.stdout
+    done = run_bench(*common, "--name", "kept", "--", "--data=unused", "--val_target=7.5")
+    assert "--val_target=0" not in done.stdout and "--val_target=7.5" in done.stdout
+    script.write_text(script.read_text().replace('steps, tokens, every = int(values["max_steps"])',
+                                                 'steps, tokens, every = int(values["max_steps"]) // 2'))
+    done = run_bench(*common, "--name", "half", "--", "--data=unused")
+    assert done.returncode != 0
+    assert read_jsonl(results)[-1]["status"] == "short (stopped at 50,331,648 of 100,663,296 tokens)"
+
+
 def test_runner_timeout_keeps_partial_numbers(tmp_path):
     """A run stopped by --timeout is recorded as such, with what it trained before the stop."""
     script = write_stub(tmp_path, sleep=0.1)
