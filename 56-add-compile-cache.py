@@ -1893,6 +1893,7 @@ def save_compile_cache(path):
         return 0
     payload = artifacts[0]
     header = json.dumps({"torch": torch.__version__, "sha256": hashlib.sha256(payload).hexdigest()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # e.g. runs/, before the first run made it
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "wb") as f:
         f.write(COMPILE_CACHE_MAGIC + header.encode() + b"\n" + payload)
@@ -2291,10 +2292,9 @@ def check_config(cfg, world_size=1):
     if cfg.compile_cache and not cfg.compile:
         raise ConfigError(f"--compile_cache={cfg.compile_cache} holds torch.compile's work, and --compile is off: set "
                           "--compile=true, or --compile_cache= (empty)")
-    if cfg.compile_cache and (os.path.isdir(cfg.compile_cache)
-                              or not os.path.isdir(os.path.dirname(os.path.abspath(cfg.compile_cache)))):
-        raise ConfigError(f"--compile_cache={cfg.compile_cache} must be a file in an existing folder (it is a folder, "
-                          "or its folder is missing): name a file, e.g. runs/compile_cache.bin")
+    if cfg.compile_cache and os.path.isdir(cfg.compile_cache):
+        raise ConfigError(f"--compile_cache={cfg.compile_cache} is a folder: name a file in it, e.g. "
+                          f"{os.path.join(cfg.compile_cache, 'compile_cache.bin')}")
     if cfg.val_every < 0:
         raise ConfigError(f"--val_every={cfg.val_every} must be >= 0 (0 = only after the last step)")
     if not 0 <= cfg.val_target < math.inf or not math.isfinite(cfg.val_target_margin):

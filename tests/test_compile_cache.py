@@ -1,8 +1,9 @@
 """--compile_cache=FILE (step 56, off by default): after the warm-up (or at the end of a run without one) rank 0 writes
 torch.compile's artifacts to FILE, atomically, under a header with the torch version and the payload's sha256; the next
 run loads them before anything compiles, so inductor finds its graphs instead of building them. A file of another
-torch is skipped, a damaged one stops the run before any work with the fix, bad paths are refused, and off the step is
-its parent (step 55). One test goes through real inductor on the CPU: a fresh cache's miss becomes a hit."""
+torch is skipped, a damaged one stops the run before any work with the fix, a folder for FILE is refused (a missing
+folder is made), and off the step is its parent (step 55). One test goes through real inductor on the CPU: a fresh
+cache's miss becomes a hit."""
 import os
 
 import pytest
@@ -110,7 +111,14 @@ def test_a_real_inductor_cache_round_trip(monkeypatch, tmp_path):
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="--compile is off: set --compile=true, or --compile_cache="):
         lever.parse_config([f"--compile_cache={tmp_path / 'c.bin'}", "--compile=false"])
-    for bad in (tmp_path, tmp_path / "missing" / "c.bin"):
-        with pytest.raises(SystemExit, match="must be a file in an existing folder"):
-            lever.parse_config([f"--compile_cache={bad}"])
+    with pytest.raises(SystemExit, match=f"--compile_cache={tmp_path} is a folder: name a file in it, e.g. "):
+        lever.parse_config([f"--compile_cache={tmp_path}"])
     assert lever.parse_config([f"--compile_cache={tmp_path / 'c.bin'}"]).compile_cache == str(tmp_path / "c.bin")
+
+
+def test_the_files_folder_is_made_when_it_is_written(fake_artifacts, tmp_path):
+    """runs/compile_cache.bin on a fresh clone: runs/ does not exist before the first run."""
+    path = tmp_path / "runs" / "compile_cache.bin"
+    assert lever.parse_config([f"--compile_cache={path}"]).compile_cache == str(path)
+    assert lever.load_compile_cache(lever.Config(compile_cache=str(path))) == "none yet"
+    assert lever.save_compile_cache(str(path)) == 18 and path.read_bytes().startswith(lever.COMPILE_CACHE_MAGIC)
