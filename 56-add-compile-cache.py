@@ -1873,7 +1873,7 @@ def load_compile_cache(cfg):
         magic, header, payload = f.readline(), f.readline(), f.read()
     try:
         header = json.loads(header) if magic == COMPILE_CACHE_MAGIC else None
-        intact = header is not None and hashlib.sha256(payload).hexdigest() == header["sha256"]
+        intact = header is not None and "torch" in header and hashlib.sha256(payload).hexdigest() == header["sha256"]
     except (ValueError, KeyError, TypeError):
         intact = False
     if not intact:

@@ -75,7 +75,8 @@ def test_another_torchs_file_is_skipped_and_a_damaged_one_stops_the_run(monkeypa
     assert lever.load_compile_cache(cfg).startswith("skipped: written by torch ")
     assert len(fake_artifacts) == 1
     intact = path.read_bytes()
-    for damaged in (intact[:-3], b"#!/bin/sh\n", intact.replace(b'"sha256"', b'"sha512"'), b""):
+    for damaged in (intact[:-3], b"#!/bin/sh\n", intact.replace(b'"sha256"', b'"sha512"'),
+                    intact.replace(b'"torch"', b'"jax"'), b""):
         path.write_bytes(damaged)
         with pytest.raises(SystemExit, match=r"--compile_cache=.*cache.bin is not an intact compile cache .* delete it"):
             lever.load_compile_cache(cfg)
