@@ -1,4 +1,4 @@
-"""--normuon (step 57): after Newton-Schulz, each row of a Muon update (one output neuron's weights) is divided by
+"""--normuon (step 57, on by default: RESULTS 2026-11-26 (m)): after Newton-Schulz, each row of a Muon update (one output neuron's weights) is divided by
 the root of its running mean square, kept in the optimizer's state, and each block is scaled back to its norm. Off,
 the step is its parent (step 56); on, every row of a first update has the same RMS, every block keeps its Frobenius
 norm, the state holds one mean square per row, a resumed run goes on with it, and distributed Muon still gives every
@@ -21,11 +21,11 @@ def muon_of(model, cfg):
     return lever.configure_optimizer(model, cfg, "cpu").optimizers[1]
 
 
-def test_off_by_default_and_off_is_the_parent():
+def test_on_by_default_and_off_is_the_parent():
     cfg = lever.Config()
-    assert (cfg.normuon, cfg.normuon_beta2) == (False, 0.95) and not hasattr(parent_step.Config, "normuon")
-    assert f"    {script_number(LEVER_SCRIPT)}  --normuon" in lever.__doc__
-    model, cfg = build(lever)
+    assert (cfg.normuon, cfg.normuon_beta2) == (True, 0.95) and not hasattr(parent_step.Config, "normuon")
+    assert f"    {script_number(LEVER_SCRIPT)}  --normuon=true by default" in lever.__doc__
+    model, cfg = build(lever, normuon=False)
     parent, parent_cfg = build(parent_step)
     parent_losses = train(parent, parent_cfg, parent_step, 4)
     assert train(model, cfg, lever, 4) == parent_losses
