@@ -2406,13 +2406,18 @@ def check_device(cfg, device):
     """What the config asks of the card, checked before any GPU work: float8 products need compute capability 8.9
     (Ada, Hopper and newer); the CPU has them in software, Apple's MPS not at all."""
     fp8_off = "--fp8_head=false --fused_head_loss=false" if cfg.fused_head_loss else "--fp8_head=false"
-    for wanted, name, off in ((cfg.fp8_head, "--fp8_head", fp8_off), (cfg.fp8_mlp != "off", "--fp8_mlp", "--fp8_mlp=off")):
-        if wanted and device.type == "mps":
-            raise ConfigError(f"{name} needs float8 matmuls, which MPS does not have: set {off}")
-        if wanted and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-            major, minor = torch.cuda.get_device_capability(device)
-            raise ConfigError(f"{name} needs float8 matmuls (compute capability 8.9 or newer); "
-                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}: set {off}")
+    switches = ((cfg.fp8_head, "--fp8_head", fp8_off), (cfg.fp8_mlp != "off", "--fp8_mlp", "--fp8_mlp=off"))
+    wanted = [(name, off) for on, name, off in switches if on]  # all in one message: one rerun fixes them all
+    if not wanted:
+        return
+    names = " and ".join(name for name, _ in wanted) + (" need" if len(wanted) > 1 else " needs")
+    fix = " ".join(off for _, off in wanted)
+    if device.type == "mps":
+        raise ConfigError(f"{names} float8 matmuls, which MPS does not have: set {fix}")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"{names} float8 matmuls (compute capability 8.9 or newer); "
+                          f"{torch.cuda.get_device_name(device)} is {major}.{minor}: set {fix}")
 
 
 def main(argv=None):

@@ -87,5 +87,13 @@ def test_cards_without_float8_are_refused_before_any_gpu_work(monkeypatch):
     lever.check_device(lever.Config(fp8_attention="off", **others_off), cuda)
     with pytest.raises(SystemExit, match="--fp8_attention needs float8 matmuls, which MPS does not have"):
         lever.check_device(lever.Config(fp8_attention="forward", **others_off), torch.device("mps"))
+    # step 58's defaults ask float8 of the head, the MLPs and the attention: one message, one rerun fixes all three
+    fix = "--fp8_head=false --fused_head_loss=false --fp8_mlp=off --fp8_attention=off"
+    with pytest.raises(SystemExit, match=rf"--fp8_head and --fp8_mlp and --fp8_attention need .* set {fix}$"):
+        lever.check_device(lever.Config(), cuda)
+    with pytest.raises(SystemExit, match=rf"which MPS does not have: set {fix}$"):
+        lever.check_device(lever.Config(), torch.device("mps"))
+    off = dict(a.split("=") for a in fix.replace("--", "").split())
+    lever.check_device(lever.parse_config([f"--{k}={v}" for k, v in off.items()]), cuda)  # the fix is enough
     monkeypatch.setattr(lever.torch.cuda, "get_device_capability", lambda device: (9, 0))
     lever.check_device(lever.Config(fp8_attention="full"), cuda)

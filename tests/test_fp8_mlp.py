@@ -125,6 +125,10 @@ def test_cards_without_float8_are_refused_before_any_gpu_work(monkeypatch):
     lever.check_device(lever.Config(fp8_mlp="off", **no_head), cuda)
     with pytest.raises(SystemExit, match="--fp8_mlp needs float8 matmuls, which MPS does not have: set --fp8_mlp=off"):
         lever.check_device(lever.Config(fp8_mlp="forward", **no_head), torch.device("mps"))
+    # the defaults ask float8 of the head and the MLPs: one message names both, and the whole fix
+    with pytest.raises(SystemExit, match=r"--fp8_head and --fp8_mlp need float8 matmuls .* is 8.0: "
+                                         r"set --fp8_head=false --fused_head_loss=false --fp8_mlp=off$"):
+        lever.check_device(lever.Config(), cuda)
     monkeypatch.setattr(lever.torch.cuda, "get_device_capability", lambda device: (9, 0))
     lever.check_device(lever.Config(fp8_mlp="full"), cuda)
     lever.check_device(lever.Config(fp8_mlp="full"), torch.device("cpu"))
