@@ -368,6 +368,7 @@ def result_line(summary, corpus_sha256=None):
         "compile_warmup_s": summary["compile_warmup_s"], "peak_mem_mib": summary["peak_mem_mib"],
         "baseline": summary["baseline"], "status": summary["status"], "nproc": summary["nproc"],
         "torch": summary["torch"], "corpus_sha256": corpus_sha256,
+        **({} if summary.get("gpu") is None else {"gpu": summary["gpu"]}),
     }
 
 
@@ -549,6 +550,7 @@ def benchmark(args, overrides):
         "torchrun": args.torchrun,
         "budget_tokens": budget,
         "compile_cache": "shared" if args.warm_compile_cache else "fresh",
+        "gpu": args.gpu,
         "max_steps": max_steps,
         "status": status,
         "returncode": returncode,
@@ -605,6 +607,8 @@ def parse_args(argv):
                         "(default: TIKTOKEN_CACHE_DIR); given to the script and used to decode text for 01-02")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for torchrun")
     parser.add_argument("--no-torchrun", dest="torchrun", action="store_false", help="launch with plain python")
+    parser.add_argument("--gpu", type=int, default=None, help="the GPU this run was given (session.py's gpu=, as "
+                        "CUDA_VISIBLE_DEVICES): recorded in its results line")
     parser.add_argument("--timeout", type=float, default=0, help="stop the run this many seconds after the runner "
                         "started (0 = never); the summary then holds what it trained so far, status 'timeout'")
     parser.add_argument("--probe-file", help="JSON cache of the card's name and measured matmul rate (read if it "

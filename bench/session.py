@@ -6,15 +6,19 @@
         --run "name=baseline 17-add-lm-head-logit-softcap.py --compile=1 --batch_size=64" \\
         --run "name=muon 17-add-lm-head-logit-softcap.py --compile=1 --batch_size=64 --optimizer=muon"
 
-A run is `[name=N] [budget=TOKENS | steps=N] [nproc=K] [torchrun=0|1] SCRIPT [--override=value ...]`: the bench
-options first (defaults: the script's name, --budget-tokens, --nproc, torchrun on), then the script, then its
-overrides. --plan takes the same runs from a file (one run a line, # comments) or JSON (a list of run strings or of
+A run is `[name=N] [budget=TOKENS | steps=N] [nproc=K] [torchrun=0|1] [gpu=I] SCRIPT [--override=value ...]`:
+the bench options first (defaults: the script's name, --budget-tokens, --nproc, torchrun on), then the script, then
+its overrides. --plan takes the same runs from a file (one run a line, # comments) or JSON (a list of run strings or of
 objects {"script", "overrides", "name", "budget_tokens", "steps", "nproc", "torchrun"}), inline or in a file.
 With --bench100m every run follows the project's benchmark (bench/run.py --bench100m), so runs give no budget.
 
 The corpus is built by the project's own corpus script, ../shared/bench/make_corpus.py (--corpus-script: on the
 GPU machine it is carried in, e.g. as .gpu/bench/make_corpus.py), unless --corpus already holds its info.json.
-The runs go one after the other; a failed run is recorded and the next one starts. Each run's results line names
+The runs go one after the other; a failed run is recorded and the next one starts. On a host of several GPUs,
+gpu=I gives a run GPU I alone (CUDA_VISIBLE_DEVICES=I): the runs of one GPU go in turn, in plan order, and the GPUs
+work side by side, so a lease of four GPUs measures four runs at a time. Then every run names its GPU, and its
+results line says which: tokens/s compare exactly only between runs of one GPU (the host's CPUs, power and clocks
+are shared), losses across all of them. Each run's results line names
 the session's baseline (--baseline, default the first run) and is appended to --results (default
 bench/results.jsonl). After every run the output folder (--out, default $OUT if set, else bench_out) is
 rewritten, so a session cut off by a time limit still leaves its results; it stays flat and small:
@@ -36,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,8 +71,8 @@ def parse_run_spec(spec):
     run = {}
     while words and "=" in words[0] and not words[0].startswith("-"):
         key, value = words.pop(0).split("=", 1)
-        if key not in ("name", "budget", "steps", "nproc", "torchrun"):
-            raise SystemExit(f"run {spec!r}: unknown bench option {key!r} (name, budget, steps, nproc, torchrun)")
+        if key not in ("name", "budget", "steps", "nproc", "torchrun", "gpu"):
+            raise SystemExit(f"run {spec!r}: unknown bench option {key!r} (name, budget, steps, nproc, torchrun, gpu)")
         run[{"budget": "budget_tokens"}.get(key, key)] = value
     if not words:
         raise SystemExit(f"run {spec!r} names no script")
@@ -89,6 +94,10 @@ def normalize_run(run):
         raise SystemExit(f"plan entry {run}: give budget or steps, not both")
     if run.get("nproc") is not None:
         run["nproc"] = int(run["nproc"])
+    if run.get("gpu") is not None:
+        if not str(run["gpu"]).isdigit():
+            raise SystemExit(f"plan entry {run}: gpu={run['gpu']} must be a GPU index (0, 1, ...)")
+        run["gpu"] = int(run["gpu"])
     if run.get("torchrun") is not None and not isinstance(run["torchrun"], bool):
         run["torchrun"] = str(run["torchrun"]).lower() in ("1", "true", "yes", "on")
     return run
@@ -162,8 +171,9 @@ def build_corpus(args, log):
 
 
 def runner_command(args, run):
+    probe = "probe.json" if run.get("gpu") is None else f"probe-gpu{run['gpu']}.json"  # each GPU its own probe
     command = [sys.executable, os.path.join(HERE, "run.py"), "--script", run["script"], "--corpus", args.corpus,
-               "--out", args.work, "--name", run["name"], "--probe-file", os.path.join(args.work, "probe.json"),
+               "--out", args.work, "--name", run["name"], "--probe-file", os.path.join(args.work, probe),
                "--nproc", str(run.get("nproc") or args.nproc), "--baseline", args.baseline, "--results",
                args.results, "--quiet"]
     if args.bench100m:
@@ -174,6 +184,8 @@ def runner_command(args, run):
         command += ["--budget-tokens", str(run.get("budget_tokens") or args.budget_tokens)]
     if run.get("torchrun") is False:
         command.append("--no-torchrun")
+    if run.get("gpu") is not None:
+        command += ["--gpu", str(run["gpu"])]
     if args.warm_compile_cache:
         command.append("--warm-compile-cache")
     if args.tiktoken_cache:
@@ -202,7 +214,7 @@ def failed_summary(args, run, status, output):
     summary.update(name=run["name"], script=os.path.basename(run["script"]), overrides=run["overrides"],
                    protocol="bench100m" if args.bench100m else "custom", baseline=args.baseline,
                    budget_tokens=None if run.get("steps") else budget, nproc=run.get("nproc") or args.nproc,
-                   torchrun=run.get("torchrun") is not False, status=status,
+                   torchrun=run.get("torchrun") is not False, status=status, gpu=run.get("gpu"),
                    date=time.strftime("%Y-%m-%d", time.gmtime()), val=[], train_curve=[], error_tail=output[-3000:])
     summary["row"] = bench_run.markdown_row(summary)
     summary["result"] = bench_run.result_line(summary)
@@ -272,10 +284,48 @@ def parse_args(argv):
     args.results = os.path.abspath(args.results) if args.results else ""
     args.work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix="bench-session-")
     runs = unique_names(runs)
+    if len({run.get("gpu") is None for run in runs}) > 1:
+        parser.error("some runs name a gpu= and some do not: give every run its GPU (runs on a GPU go in turn, the "
+                     "GPUs side by side), or none")
     args.baseline = args.baseline or runs[0]["name"]
     if args.baseline not in [run["name"] for run in runs]:
         parser.error(f"--baseline={args.baseline} is not one of the runs: {', '.join(r['name'] for r in runs)}")
     return args, runs
+
+
+def run_one(args, run, index, total, corpus_info, t0):
+    """One run of the plan: its banner, the runner, and its summary (a failed or skipped run's too), with the part
+    of logs.txt it adds (written by the caller, so that runs of several GPUs do not interleave there)."""
+    gpu = run.get("gpu")
+    where = "" if gpu is None else f" (gpu {gpu})"
+    banner = f"==== run {index}/{total}: {run['name']}{where}: {run['script']} {shlex.join(run['overrides'])}"
+    print("\n" + banner, flush=True)
+    log = [banner + "\n"]
+    command = runner_command(args, run)
+    if args.time_limit:
+        left = args.time_limit - (time.time() - t0) - TIME_RESERVE_S
+        if left < 30:
+            log.append("skipped: the session's time limit is near\n")
+            return failed_summary(args, run, "skipped (time limit)", ""), "".join(log)
+        command += ["--timeout", f"{left:.0f}"]
+    command += ["--", *run["overrides"]]
+    log.append("$ " + shlex.join(command) + "\n")
+    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+    returncode, output = tee(command, None, prefix="  " if gpu is None else f"  [gpu {gpu}] ", env=env)
+    summary_path = os.path.join(args.work, f"{run['name']}.summary.json")
+    stdout_log = os.path.join(args.work, f"{run['name']}.stdout.log")
+    log.append("".join(line for line in output.splitlines(keepends=True) if line.startswith("bench:")))
+    if os.path.exists(stdout_log):  # the script's output, short (the full one stays in --work)
+        with open(stdout_log, encoding="utf-8", errors="replace") as f:
+            log.append(short_output(f.read()))
+    if os.path.exists(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+    else:  # the runner itself stopped early: a bad override, a missing script, a failed probe
+        log.append(output)
+        summary = failed_summary(args, run, f"failed (runner rc={returncode})", output)
+    log.append(f"==== {run['name']}: {summary['status']}\n")
+    return summary, "".join(log)
 
 
 def main(argv=None):
@@ -285,45 +335,34 @@ def main(argv=None):
     session_command = shlex.join(["python", "bench/session.py", *argv])
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
-    summaries = []
+    done = {}  # run index -> summary; the results stay in plan order whichever GPU finishes first
+    lock = threading.Lock()
     with open(os.path.join(args.out, "logs.txt"), "w", encoding="utf-8") as log:
         log.write(f"==== session: {session_command}\n")
         corpus_info = build_corpus(args, log)
-        for index, run in enumerate(runs, start=1):
-            banner = f"==== run {index}/{len(runs)}: {run['name']}: {run['script']} {shlex.join(run['overrides'])}"
-            print("\n" + banner, flush=True)
-            log.write(banner + "\n")
-            command = runner_command(args, run)
-            if args.time_limit:
-                left = args.time_limit - (time.time() - t0) - TIME_RESERVE_S
-                if left < 30:
-                    summaries.append(failed_summary(args, run, "skipped (time limit)", ""))
-                    log.write("skipped: the session's time limit is near\n")
-                    write_results(args, summaries, corpus_info, session_command)
-                    continue
-                command += ["--timeout", f"{left:.0f}"]
-            command += ["--", *run["overrides"]]
-            log.write("$ " + shlex.join(command) + "\n")
-            returncode, output = tee(command, None, prefix="  ")
-            summary_path = os.path.join(args.work, f"{run['name']}.summary.json")
-            stdout_log = os.path.join(args.work, f"{run['name']}.stdout.log")
-            log.write("".join(line for line in output.splitlines(keepends=True) if line.startswith("bench:")))
-            if os.path.exists(stdout_log):  # the script's output, short (the full one stays in --work)
-                with open(stdout_log, encoding="utf-8", errors="replace") as f:
-                    log.write(short_output(f.read()))
-            if os.path.exists(summary_path):
-                with open(summary_path, encoding="utf-8") as f:
-                    summaries.append(json.load(f))
-            else:  # the runner itself stopped early: a bad override, a missing script, a failed probe
-                log.write(output)
-                summaries.append(failed_summary(args, run, f"failed (runner rc={returncode})", output))
-            log.write(f"==== {run['name']}: {summaries[-1]['status']}\n")
-            log.flush()
-            write_results(args, summaries, corpus_info, session_command)
+
+        def chain(indices):  # the runs of one GPU (or of the whole session), in turn
+            for index in indices:
+                summary, text = run_one(args, runs[index], index + 1, len(runs), corpus_info, t0)
+                with lock:
+                    done[index] = summary
+                    log.write(text)
+                    log.flush()
+                    write_results(args, [done[i] for i in sorted(done)], corpus_info, session_command)
+
+        chains = {}
+        for index, run in enumerate(runs):
+            chains.setdefault(run.get("gpu"), []).append(index)
+        threads = [threading.Thread(target=chain, args=(indices,)) for indices in chains.values()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    summaries = [done[i] for i in sorted(done)]
     table = write_results(args, summaries, corpus_info, session_command)
     print(f"\nsession: {len(runs)} runs in {time.time() - t0:.0f}s; results in {args.out}\n")
     print(table)
-    return 0 if all(s["status"] == "ok" for s in summaries) else 1
+    return 0 if len(summaries) == len(runs) and all(s["status"] == "ok" for s in summaries) else 1
 
 
 if __name__ == "__main__":

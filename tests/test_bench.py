@@ -288,6 +288,7 @@ def main(argv):
     os.makedirs(run_dir)
     print("inductor_cache:" + os.environ.get("TORCHINDUCTOR_CACHE_DIR", "unset"), flush=True)
     print("args:" + " ".join(argv), flush=True)
+    print("visible:" + os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), flush=True)
     steps, tokens, every = int(values["max_steps"]), TOTAL_BATCH_SIZE, int(values.get("val_every", 0))
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
         def emit(line):
@@ -503,6 +504,39 @@ def test_session_bench100m_runs_every_run_by_the_protocol(tmp_path):
     assert [p["val_loss"] for p in line["val_at_quarters"]] == [9.0, 8.0, 7.0, 6.0]
     done = subprocess.run(base + ["--run", f"steps=2 {script}"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "drop budget= and steps=" in done.stderr
+
+
+def test_session_runs_each_gpus_runs_in_turn_and_the_gpus_side_by_side(tmp_path):
+    """gpu=I: each run sees GPU I alone; GPU 0's two runs go one after the other while GPU 1's runs beside them (the
+    session takes about two runs' time, not three); the results keep the plan's order and name each run's GPU."""
+    stub_corpus = tmp_path / "make_corpus.py"
+    stub_corpus.write_text(CORPUS_STUB)
+    script = write_stub(tmp_path, sleep=0.5)  # 4 steps: ~2 s a run
+    command = [sys.executable, os.path.join(BENCH, "session.py"), "--corpus", str(tmp_path / "corpus"),
+               "--corpus-script", str(stub_corpus), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+               "--results", str(tmp_path / "results.jsonl"), "--budget-tokens", "400"]
+    plan = [f"name=a gpu=0 torchrun=0 {script} --data=unused", f"name=b gpu=1 torchrun=0 {script} --data=unused",
+            f"name=c gpu=0 torchrun=0 {script} --data=unused"]
+    done = subprocess.run(command + [arg for run in plan for arg in ("--run", run)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert [(line["name"], line["gpu"], line["status"], line["baseline"]) for line in lines] == \
+        [("a", 0, "ok", "a"), ("b", 1, "ok", "a"), ("c", 0, "ok", "a")]
+    assert read_jsonl(tmp_path / "results.jsonl") == lines or \
+        sorted(map(json.dumps, read_jsonl(tmp_path / "results.jsonl"))) == sorted(map(json.dumps, lines))
+    logs = {name: (tmp_path / "work" / f"{name}.stdout.log").read_text() for name in "abc"}
+    assert ["visible:0" in logs["a"], "visible:1" in logs["b"], "visible:0" in logs["c"]] == [True] * 3
+    summaries = {s["name"]: s for s in json.loads((tmp_path / "out" / "summaries.json").read_text())}
+    end = {name: os.path.getmtime(tmp_path / "work" / f"{name}.summary.json") for name in "abc"}
+    start = {name: end[name] - summaries[name]["wall_s"] for name in "abc"}
+    assert end["a"] <= start["c"] + 0.2  # GPU 0: a, then c
+    assert start["b"] < end["a"] and start["a"] < end["b"]  # GPU 1's run beside GPU 0's first
+    base = command + ["--run", f"gpu=0 {script}", "--run", f"{script}"]
+    done = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "some runs name a gpu= and some do not" in done.stderr
+    done = subprocess.run(command + ["--run", f"gpu=x {script}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "gpu=x must be a GPU index" in done.stderr
 
 
 def test_flops_count_only_what_multiplies_and_the_keys_a_query_sees():
