@@ -37,7 +37,8 @@ SPEED_SWITCHES_OFF = {"async_batches": False, "value_embeddings": 0, "x0_mixing"
                       "rope_fraction": 1.0, "rope_base": 500000.0, "fp8_head_backward": "fp8",
                       "fused_head_loss": False, "long_window_layers": "", "attention_free_layers": "",
                       "unet_skips": False, "attention_gate": 0, "fp8_mlp": "off", "normuon": False,
-                      "fp8_attention": "off", "muon_ns_coefficients": "jordan"}
+                      "fp8_attention": "off", "muon_ns_coefficients": "jordan",
+                      "flex_kernel_options": ""}
 
 
 def step_adding(field):

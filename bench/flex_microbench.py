@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Time FlexAttention alone, forward and backward, on one micro-batch of a lineage script's benchmark shape, for
+several --flex_kernel_options (step 60 on): which tiles, warps and stages to give the kernels.
+
+    python bench/flex_microbench.py --script 60-add-flex-kernel-options.py default \\
+        fwd_BLOCK_M=128,fwd_BLOCK_N=128 bwd_BLOCK_M1=64,bwd_BLOCK_N1=128,bwd_BLOCK_M2=128,bwd_BLOCK_N2=64
+
+A variant is a --flex_kernel_options value (`default`: none, torch's own choice). The shape is the script's
+--preset=bench100m micro-batch (8 sequences of 8,192 tokens, 6 heads of 128) at a fixed --window and at half of it
+(the long and the short blocks), the block mask the model builds. Each variant is compiled, run 3 times untimed,
+then timed over --iters runs with CUDA events. It prints one line per variant and width: milliseconds per call
+(forward and backward; forward only off CUDA, where FlexAttention has no backward), compile seconds, and the largest
+difference of its output from the first variant's (tiles must not change it beyond rounding).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: profile_step's loader of a lineage script
+from profile_step import load_script  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--script", required=True, help="a lineage script with --flex_kernel_options (step 60 on)")
+    parser.add_argument("--window", type=int, default=2048, help="the long blocks' window; the short get half")
+    parser.add_argument("--batch_size", type=int, default=0, help="sequences per call (0: the bench100m preset's)")
+    parser.add_argument("--block_size", type=int, default=0, help="tokens per sequence (0: the preset's)")
+    parser.add_argument("--n_head", type=int, default=0, help="heads (0: the script's)")
+    parser.add_argument("--n_embd", type=int, default=0, help="width, head_dim = n_embd / n_head (0: the script's)")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per variant and width")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu (forward only, uncompiled: a check)")
+    parser.add_argument("--compile", type=int, default=1, help="torch.compile each variant (0: eager)")
+    parser.add_argument("variants", nargs="+", help="--flex_kernel_options values, or default")
+    return parser.parse_args(argv)
+
+
+def configs(module, args):
+    """The script's config for each variant, checked by the script itself (a bad value fails here, before any
+    work)."""
+    shape = [f"--{key}={getattr(args, key)}" for key in ("batch_size", "block_size", "n_head", "n_embd")
+             if getattr(args, key)]
+    base = ["--preset=bench100m", f"--window={args.window}", "--window_ramp=false", "--attention=flex", *shape]
+    if not hasattr(module.Config, "flex_kernel_options"):
+        raise SystemExit(f"{args.script} has no --flex_kernel_options (step 60 on)")
+    return {variant: module.parse_config(base + ([] if variant == "default" else
+                                                 [f"--flex_kernel_options={variant}"]))
+            for variant in args.variants}
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    module = load_script(args.script)
+    cfgs = configs(module, args)
+    device = torch.device(args.device)
+    cfg = next(iter(cfgs.values()))
+    with torch.device("meta"):
+        model = module.GPT(cfg)  # only its attention_mask (and window): no weights needed
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), generator=generator).to(device)
+    head_dim, dtype = cfg.n_embd // cfg.n_head, torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(cfg.batch_size, cfg.n_head, cfg.block_size, head_dim, generator=generator)
+               .to(device, dtype).requires_grad_(device.type == "cuda") for _ in range(3))
+    grad = torch.randn(q.shape, generator=generator).to(device, dtype)
+    lines, first = [], {}
+    for width in (args.window, args.window // 2):
+        mask = model.attention_mask(idx, flex=True, window=torch.tensor(width, device=device))
+        for variant, variant_cfg in cfgs.items():
+            options = module.flex_kernel_options(variant_cfg) or None
+
+            def call(q, k, v):
+                return module.flex_attention(q, k, v, block_mask=mask, kernel_options=options)
+            fn = torch.compile(call, dynamic=False) if args.compile else call
+
+            def step():
+                out = fn(q, k, v)
+                if q.requires_grad:
+                    out.backward(grad)
+                return out
+            t0 = time.time()
+            out = step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            compile_s = time.time() - t0
+            for _ in range(2):
+                step()
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(args.iters):
+                    step()
+                end.record()
+                torch.cuda.synchronize()
+                ms = start.elapsed_time(end) / args.iters
+            else:
+                t1 = time.perf_counter()
+                for _ in range(args.iters):
+                    step()
+                ms = (time.perf_counter() - t1) * 1000 / args.iters
+            reference = first.setdefault(width, out.detach())
+            error = (out.detach().float() - reference.float()).abs().max().item()
+            what = "forward+backward" if q.requires_grad else "forward"
+            lines.append(f"window {width:5d} {variant}: {ms:.3f} ms ({what}), compile {compile_s:.1f} s, "
+                         f"max |out - first| {error:.2e}")
+            print(lines[-1], flush=True)
+            for t in (q, k, v):
+                t.grad = None
+    return lines
+
+
+if __name__ == "__main__":
+    main()

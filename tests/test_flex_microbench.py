@@ -1,0 +1,33 @@
+"""bench/flex_microbench.py: on a tiny shape on the CPU, each --flex_kernel_options variant runs FlexAttention at the
+window and at half of it with the same output as the first variant; a bad variant and a script without the setting
+fail before any work."""
+import importlib.util
+import os
+import re
+
+import pytest
+
+from conftest import REPO, SCRIPTS, step_adding
+
+spec = importlib.util.spec_from_file_location("flex_microbench", os.path.join(REPO, "bench", "flex_microbench.py"))
+flex_microbench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(flex_microbench)
+NEWEST = os.path.join(REPO, SCRIPTS[-1])
+TINY = ["--script", NEWEST, "--device=cpu", "--compile=0", "--batch_size=1", "--block_size=512", "--n_head=2",
+        "--n_embd=64", "--window=256", "--iters=1"]
+
+
+def test_each_variant_runs_both_widths_with_the_same_output():
+    lines = flex_microbench.main(TINY + ["default", "fwd_BLOCK_M=64,bwd_num_warps=8"])
+    assert [re.match(r"window\s+(\d+) (\S+):", line).groups() for line in lines] == [
+        ("256", "default"), ("256", "fwd_BLOCK_M=64,bwd_num_warps=8"),
+        ("128", "default"), ("128", "fwd_BLOCK_M=64,bwd_num_warps=8")]
+    assert all("(forward)" in line and line.endswith("max |out - first| 0.00e+00") for line in lines)
+
+
+def test_bad_variants_and_old_scripts_fail_before_any_work():
+    with pytest.raises(SystemExit, match=r"--flex_kernel_options='BLOCK_M=96'"):
+        flex_microbench.main(TINY + ["default", "BLOCK_M=96"])
+    older = os.path.join(REPO, SCRIPTS[SCRIPTS.index(step_adding("flex_kernel_options")) - 1])
+    with pytest.raises(SystemExit, match="has no --flex_kernel_options"):
+        flex_microbench.main(TINY[2:] + ["--script", older, "default"])
