@@ -2,6 +2,7 @@
 and a few optimizer steps on it. Each lever's own test file then checks what its switch claims."""
 import dataclasses
 
+import pytest
 import torch
 
 from conftest import load_script, script_number, step_adding, tiny_args
@@ -50,6 +51,31 @@ def train(model, cfg, module, steps, autocast=False, after_step=None):
         if after_step:
             after_step(step)
     return losses
+
+
+def assert_float8_trains_like_exact(module, switch, mode, **overrides):
+    """--switch=mode (a float8 product switch) trains a tiny model close to its exact products (switch off), not
+    identically, and the loss falls."""
+    model, cfg = build(module, **{switch: mode}, **overrides)
+    fp8 = train(model, cfg, module, 8)
+    model, cfg = build(module, **{switch: "off"}, **overrides)
+    exact = train(model, cfg, module, 8)
+    assert fp8 != exact and fp8 == pytest.approx(exact, abs=0.05)
+    assert fp8[-1] < fp8[0] - 0.5
+
+
+def assert_float8_evaluates_exactly(module, switch, **overrides):
+    """A model trained with --switch=full evaluates exactly as the same weights with the switch off: float8 is for
+    training's products only."""
+    model, cfg = build(module, **{switch: "full"}, **overrides)
+    train(model, cfg, module, 2)
+    exact, _ = build(module, **{switch: "off"}, **overrides)
+    exact.load_state_dict(model.state_dict())
+    model.eval()
+    exact.eval()
+    x, y = batch()
+    with torch.no_grad():
+        assert torch.equal(model(x, y), exact(x, y))
 
 
 def assert_recipe_defaults(step, parent, recipe, old):

@@ -6,7 +6,8 @@ cards without float8 are refused before any GPU work."""
 import pytest
 import torch
 
-from lever_helpers import batch, build, lever_and_parent, train
+from lever_helpers import (assert_float8_evaluates_exactly, assert_float8_trains_like_exact, batch, build,
+                           lever_and_parent, train)
 
 lever, parent_step = lever_and_parent("fp8_attention")
 # the MLPs exact, so that every float8 product counted here is the attention's; output projections not zero at first
@@ -48,24 +49,11 @@ def test_each_attention_block_adds_its_two_products_in_training_and_none_in_eval
 
 @pytest.mark.parametrize("mode", ["forward", "full"])
 def test_fp8_losses_follow_the_exact_ones(mode):
-    model, cfg = build(lever, fp8_attention=mode, **ATTENTION_ONLY)
-    fp8 = train(model, cfg, lever, 8)
-    model, cfg = build(lever, fp8_attention="off", **ATTENTION_ONLY)
-    exact = train(model, cfg, lever, 8)
-    assert fp8 != exact and fp8 == pytest.approx(exact, abs=0.05)
-    assert fp8[-1] < fp8[0] - 0.5
+    assert_float8_trains_like_exact(lever, "fp8_attention", mode, **ATTENTION_ONLY)
 
 
 def test_evaluation_keeps_the_exact_products():
-    model, cfg = build(lever, fp8_attention="full", **ATTENTION_ONLY)
-    train(model, cfg, lever, 2)
-    exact, _ = build(lever, fp8_attention="off", **ATTENTION_ONLY)
-    exact.load_state_dict(model.state_dict())
-    model.eval()
-    exact.eval()
-    x, y = batch()
-    with torch.no_grad():
-        assert torch.equal(model(x, y), exact(x, y))
+    assert_float8_evaluates_exactly(lever, "fp8_attention", **ATTENTION_ONLY)
 
 
 def test_bad_values_and_shapes_float8_cannot_tile_are_refused():

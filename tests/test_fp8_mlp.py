@@ -7,7 +7,8 @@ any GPU work, and off the step is its parent (step 54). The demo preset (CPUs, M
 import pytest
 import torch
 
-from lever_helpers import batch, build, lever_and_parent, train
+from lever_helpers import (assert_float8_evaluates_exactly, assert_float8_trains_like_exact, batch, build,
+                           lever_and_parent, train)
 
 lever, parent_step = lever_and_parent("fp8_mlp")
 # zero-initialized output projections would make every MLP's first output 0, whatever its products' precision
@@ -75,25 +76,12 @@ def test_both_modes_share_the_forward_and_only_full_quantizes_the_gradients():
 
 
 def test_evaluation_keeps_the_exact_products():
-    model, cfg = build(lever, fp8_mlp="full", **MLP_ON)
-    train(model, cfg, lever, 2)
-    exact, _ = build(lever, fp8_mlp="off", **MLP_ON)
-    exact.load_state_dict(model.state_dict())
-    model.eval()
-    exact.eval()
-    x, y = batch()
-    with torch.no_grad():
-        assert torch.equal(model(x, y), exact(x, y))
+    assert_float8_evaluates_exactly(lever, "fp8_mlp", **MLP_ON)
 
 
 @pytest.mark.parametrize("mode", ["forward", "full"])
 def test_fp8_losses_follow_the_exact_ones(mode):
-    model, cfg = build(lever, fp8_mlp=mode, **MLP_ON)
-    fp8 = train(model, cfg, lever, 8)
-    model, cfg = build(lever, fp8_mlp="off", **MLP_ON)
-    exact = train(model, cfg, lever, 8)
-    assert fp8 != exact and fp8 == pytest.approx(exact, abs=0.05)
-    assert fp8[-1] < fp8[0] - 0.5
+    assert_float8_trains_like_exact(lever, "fp8_mlp", mode, **MLP_ON)
 
 
 def test_gated_mlps_and_biases_go_through_it_too():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import load_script, script_number, step_adding
+from conftest import script_number, step_adding
 from lever_helpers import build, lever_and_parent, train
 
 lever, parent_step = lever_and_parent("normuon")
