@@ -2173,7 +2173,7 @@ def check_config(cfg, world_size=1):
                           f"--muon_momentum_start={cfg.muon_momentum_start} in [0, 1), like --muon_momentum")
     if cfg.normuon and cfg.optimizer != "muon":
         raise ConfigError(f"--normuon=true normalizes Muon's rows, but --optimizer={cfg.optimizer}; add "
-                          "--optimizer=muon or drop --normuon")
+                          "--optimizer=muon or set --normuon=false")
     if not 0 <= cfg.normuon_beta2 < 1:
         raise ConfigError(f"--normuon_beta2={cfg.normuon_beta2} must be in [0, 1), like --muon_momentum")
     if cfg.muon_distributed and cfg.optimizer != "muon":

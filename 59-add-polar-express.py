@@ -2197,7 +2197,7 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--muon_ns_coefficients={cfg.muon_ns_coefficients!r} is not one of: jordan, polar_express")
     if cfg.normuon and cfg.optimizer != "muon":
         raise ConfigError(f"--normuon=true normalizes Muon's rows, but --optimizer={cfg.optimizer}; add "
-                          "--optimizer=muon or drop --normuon")
+                          "--optimizer=muon or set --normuon=false")
     if not 0 <= cfg.normuon_beta2 < 1:
         raise ConfigError(f"--normuon_beta2={cfg.normuon_beta2} must be in [0, 1), like --muon_momentum")
     if cfg.muon_distributed and cfg.optimizer != "muon":

@@ -78,7 +78,7 @@ def test_the_optimizer_keeps_a_mean_square_per_row_and_batching_changes_nothing(
 
 
 def test_refusals():
-    with pytest.raises(SystemExit, match="--normuon=true .* --optimizer=adamw; add --optimizer=muon or drop --normuon"):
+    with pytest.raises(SystemExit, match="--normuon=true .* --optimizer=adamw; add --optimizer=muon or set --normuon=false"):
         lever.parse_config(["--optimizer=adamw", "--muon_distributed=false", "--normuon=true"])
     with pytest.raises(SystemExit, match="--normuon_beta2=1.0 must be in"):
         lever.parse_config(["--normuon=true", "--normuon_beta2=1"])
