@@ -165,6 +165,37 @@ def test_check_reports_the_broken_file(tmp_path, breakage):
     assert "lineage check FAILED" in proc.stdout.splitlines()[-1]
 
 
+def break_help_crash(texts):
+    texts["02-add-ddp.py"] = texts["02-add-ddp.py"].replace('print("help")', 'print("help")\n    [][0]')
+    return "02-add-ddp.py", "--help exited with status 1: IndexError: list index out of range"
+
+
+@pytest.mark.parametrize("breakage", HELP_BREAKS + [break_help_crash], ids=lambda f: f.__name__[len("break_"):])
+def test_forked_and_isolated_help_runs_report_the_same(tmp_path, breakage):
+    """The default runs every --help in a child forked from one interpreter (torch imported once); --isolated runs
+    each in a fresh `python FILE --help`. Both report the same problem, and leave nothing in the scripts' folder."""
+    texts = lineage_texts(3)
+    name, message = breakage(texts)
+    write_lineage(tmp_path, texts)
+    outputs = [run_tool("check", "--root", str(tmp_path), *mode).stdout for mode in ([], ["--isolated"])]
+    assert outputs[0] == outputs[1] and f"{name}: " in outputs[0] and message in outputs[0], outputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(texts)
+
+
+def test_a_help_run_that_hangs_is_stopped(tmp_path):
+    """A --help that never ends is killed at the time limit and reported, the other scripts still checked."""
+    texts = lineage_texts(3)
+    texts["02-add-ddp.py"] = texts["02-add-ddp.py"].replace('print("help")', 'import time\n    time.sleep(600)')
+    write_lineage(tmp_path, texts)
+    source = open(TOOL).read().replace("HELP_TIMEOUT_S = 60", "HELP_TIMEOUT_S = 2")
+    fast_tool = tmp_path.parent / "lineage_fast.py"
+    fast_tool.write_text(source)
+    proc = subprocess.run([sys.executable, str(fast_tool), "check", "--root", str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "02-add-ddp.py: --help did not finish within 2 s" in proc.stdout, proc.stdout
+    assert "FAILED: 1 problem(s)" in proc.stdout
+
+
 @pytest.mark.parametrize("breakage", HELP_BREAKS, ids=lambda f: f.__name__[len("break_"):])
 def test_check_no_run_skips_the_help_runs(tmp_path, breakage):
     texts = lineage_texts(3)

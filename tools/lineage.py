@@ -22,7 +22,9 @@ Usage (paths are the repo root's unless --root DIR names another folder of scrip
 check: every NN-*.py names its own step number and its parent (the exact file name of step NN-1; `none` for
 01) in its first 15 lines; the numbering starts at 01 with no gaps or duplicates; the file compiles; and
 `python FILE --help`, run in an empty temporary directory, exits 0 with the config help on stdout and leaves
-that directory empty (no runs/, no downloaded input.txt). Prints one line per problem and a summary.
+that directory empty (no runs/, no downloaded input.txt). Prints one line per problem and a summary. The --help
+runs share one interpreter that has imported torch once and forks a child per script, which runs the file as
+__main__ with `--help` (where there is no fork, and with --isolated, each is a fresh `python FILE --help`).
 
 propagate: a fix belongs in the step that introduced the code and in every descendant, so that each pairwise
 diff stays "one feature". The edit is the change of step N's file between the git revision (or the --from-file
@@ -38,6 +40,7 @@ Standard library only (propagate also needs `git` on PATH).
 import argparse
 import concurrent.futures
 import difflib
+import json
 import os
 import re
 import subprocess
@@ -169,25 +172,118 @@ def last_line(text):
     return lines[-1] if lines else "(no output on stderr)"
 
 
+def help_messages(returncode, stdout, stderr, left, timed_out=False):
+    """The problems of one --help run: its status, its stdout, what it left in its working directory."""
+    problems = []
+    if timed_out:
+        problems.append(f"--help did not finish within {HELP_TIMEOUT_S} s")
+    elif returncode != 0:
+        problems.append(f"--help exited with status {returncode}: {last_line(stderr)}")
+    elif not stdout.strip():
+        problems.append("--help printed nothing on stdout (the config help belongs there)")
+    if left:
+        problems.append(f"--help left {', '.join(left)} in its working directory (it must have no side effects)")
+    return problems
+
+
 def help_problems(root, name):
     """Messages for `python NAME --help` run in an empty temporary directory: status, stdout, side effects."""
-    problems = []
     with tempfile.TemporaryDirectory(prefix="lineage-help-") as cwd:
         try:
             proc = subprocess.run([sys.executable, os.path.join(root, name), "--help"], cwd=cwd, env=help_env(),
                                   stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
                                   timeout=HELP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            problems.append(f"--help did not finish within {HELP_TIMEOUT_S} s")
-        else:
-            if proc.returncode != 0:
-                problems.append(f"--help exited with status {proc.returncode}: {last_line(proc.stderr)}")
-            elif not proc.stdout.strip():
-                problems.append("--help printed nothing on stdout (the config help belongs there)")
-        left = sorted(os.listdir(cwd))
-        if left:
-            problems.append(f"--help left {', '.join(left)} in its working directory (it must have no side effects)")
-    return problems
+            return help_messages(None, "", "", sorted(os.listdir(cwd)), timed_out=True)
+        return help_messages(proc.returncode, proc.stdout, proc.stderr, sorted(os.listdir(cwd)))
+
+
+# The --help runs without a fresh interpreter each: this program imports what the scripts import (torch: seconds)
+# once, then forks a child per script that runs it as __main__ with --help in its own empty folder, its stdout
+# and stderr in files, and prints one JSON line per script: what help_problems() reads from a subprocess.
+FORK_RUNNER = r"""
+import importlib, json, os, runpy, sys, tempfile, time, traceback
+for module in ("numpy", "torch", "torch.distributed", "torch.nn.attention.flex_attention", "safetensors.torch"):
+    try:
+        importlib.import_module(module)
+    except Exception:
+        pass
+root, timeout, jobs, names = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+
+def start(name, work):
+    cwd = tempfile.mkdtemp(prefix="lineage-help-", dir=work)
+    out, err = os.path.join(work, name + ".out"), os.path.join(work, name + ".err")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chdir(cwd)
+            for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY | os.O_CREAT),
+                                    (2, err, os.O_WRONLY | os.O_CREAT)):
+                os.dup2(os.open(path, flags), fd)
+            sys.argv = [os.path.join(root, name), "--help"]
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+                code = 0
+            except SystemExit as e:  # as the interpreter does: None is 0, a number itself, anything else printed, 1
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    return pid, cwd, out, err, time.time()
+
+def finish(name, cwd, out, err, status, timed_out):
+    read = lambda path: open(path, errors="replace").read() if os.path.exists(path) else ""
+    code = os.waitstatus_to_exitcode(status) if status is not None else None
+    print(json.dumps({"name": name, "returncode": code, "timed_out": timed_out, "stdout": read(out),
+                      "stderr": read(err), "left": sorted(os.listdir(cwd))}), flush=True)
+
+with tempfile.TemporaryDirectory(prefix="lineage-check-") as work:
+    waiting, running = list(names), {}
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            name = waiting.pop(0)
+            running[name] = start(name, work)
+        time.sleep(0.01)
+        for name, (pid, cwd, out, err, started) in list(running.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                finish(name, cwd, out, err, status, False)
+            elif time.time() - started > timeout:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                finish(name, cwd, out, err, None, True)
+            else:
+                continue
+            del running[name]
+"""
+
+
+def forked_help_problems(root, names, jobs):
+    """{name: messages} for `--help` of every script in `names`, run by FORK_RUNNER: the checks of help_problems()
+    on what each child printed, its status and what it left in its folder. None where it could not run at all."""
+    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER, root, str(HELP_TIMEOUT_S), str(jobs), *names],
+                          env=help_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          errors="replace", timeout=HELP_TIMEOUT_S * len(names) + 60)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            results[result["name"]] = help_messages(result["returncode"], result["stdout"], result["stderr"],
+                                                    result["left"], result["timed_out"])
+    if set(results) != set(names):  # the runner itself failed: say so on every script it did not report
+        reason = f"the --help runner stopped (status {proc.returncode}): {last_line(proc.stderr)}"
+        results.update({name: [reason] for name in names if name not in results})
+    return results
 
 
 def cmd_check(args):
@@ -195,10 +291,15 @@ def cmd_check(args):
     scripts = list_scripts(root)
     problems = structure_problems(root, scripts)
     if scripts and not args.no_run:
-        # Each run imports torch (seconds); a few at a time keeps the wall time down on a small machine.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            results = pool.map(lambda name: (name, help_problems(root, name)), [name for _, name in scripts])
-            problems += [(name, message) for name, messages in results for message in messages]
+        names = [name for _, name in scripts]
+        if hasattr(os, "fork") and not args.isolated:
+            results = forked_help_problems(root, names, args.jobs)
+            problems += [(name, message) for name in names for message in results[name]]
+        else:
+            # Each run imports torch (seconds); a few at a time keeps the wall time down on a small machine.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                results = pool.map(lambda name: (name, help_problems(root, name)), names)
+                problems += [(name, message) for name, messages in results for message in messages]
     order = {name: i for i, (_, name) in enumerate(scripts)}
     for name, message in sorted(problems, key=lambda p: order.get(p[0], -1)):
         print(f"{name}: {message}")
@@ -374,6 +475,8 @@ def main(argv=None):
 
     check = commands.add_parser("check", parents=[common], help="check headers, numbering and --help of every step")
     check.add_argument("--no-run", action="store_true", help="skip the `python FILE --help` runs (structure only)")
+    check.add_argument("--isolated", action="store_true", help="each --help in a fresh interpreter (slower: torch "
+                       "is imported once per script), not in children forked from one")
     check.add_argument("--jobs", type=int, default=max(2, min(4, os.cpu_count() or 2)),
                        help="--help runs at a time (default %(default)s)")
     check.set_defaults(func=cmd_check)
