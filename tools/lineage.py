@@ -24,7 +24,7 @@ check: every NN-*.py names its own step number and its parent (the exact file na
 `python FILE --help`, run in an empty temporary directory, exits 0 with the config help on stdout and leaves
 that directory empty (no runs/, no downloaded input.txt). Prints one line per problem and a summary. The --help
 runs share one interpreter that has imported torch once and forks a child per script, which runs the file as
-__main__ with `--help` (where there is no fork, and with --isolated, each is a fresh `python FILE --help`).
+__main__ with `--help` (on Linux; elsewhere, and with --isolated, each is a fresh `python FILE --help`).
 
 propagate: a fix belongs in the step that introduced the code and in every descendant, so that each pairwise
 diff stays "one feature". The edit is the change of step N's file between the git revision (or the --from-file
@@ -292,7 +292,7 @@ def cmd_check(args):
     problems = structure_problems(root, scripts)
     if scripts and not args.no_run:
         names = [name for _, name in scripts]
-        if hasattr(os, "fork") and not args.isolated:
+        if sys.platform.startswith("linux") and not args.isolated:  # macOS's fork after imports is not safe
             results = forked_help_problems(root, names, args.jobs)
             problems += [(name, message) for name in names for message in results[name]]
         else:
