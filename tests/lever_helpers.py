@@ -53,6 +53,27 @@ def train(model, cfg, module, steps, autocast=False, after_step=None):
     return losses
 
 
+def float8_products_per_mode(module, monkeypatch, switch, **overrides):
+    """({mode: torch._scaled_mm calls in one training forward and backward of a tiny model with --switch=mode},
+    its cfg), for off, forward and full; asserts that evaluation (eval mode, no grad) makes none."""
+    calls = []
+    original = torch._scaled_mm
+    monkeypatch.setattr(module.torch, "_scaled_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, y = batch()
+    counts = {}
+    for mode in ("off", "forward", "full"):
+        model, cfg = build(module, **{switch: mode}, **overrides)
+        calls.clear()
+        model(x, y).backward()
+        counts[mode] = len(calls)
+        model.eval()
+        calls.clear()
+        with torch.no_grad():
+            model(x, y)
+        assert not calls, mode
+    return counts, cfg
+
+
 def assert_float8_trains_like_exact(module, switch, mode, **overrides):
     """--switch=mode (a float8 product switch) trains a tiny model close to its exact products (switch off), not
     identically, and the loss falls."""

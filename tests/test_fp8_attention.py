@@ -6,8 +6,8 @@ cards without float8 are refused before any GPU work."""
 import pytest
 import torch
 
-from lever_helpers import (assert_float8_evaluates_exactly, assert_float8_trains_like_exact, batch, build,
-                           lever_and_parent, train)
+from lever_helpers import (assert_float8_evaluates_exactly, assert_float8_trains_like_exact, build,
+                           float8_products_per_mode, lever_and_parent, train)
 
 lever, parent_step = lever_and_parent("fp8_attention")
 # the MLPs exact, so that every float8 product counted here is the attention's; output projections not zero at first
@@ -27,21 +27,8 @@ def test_full_by_default_and_off_is_the_parent():
 
 @pytest.mark.parametrize("free", ["", "1"])
 def test_each_attention_block_adds_its_two_products_in_training_and_none_in_evaluation(monkeypatch, free):
-    calls = []
-    original = torch._scaled_mm
-    monkeypatch.setattr(lever.torch, "_scaled_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
-    x, y = batch()
-    counts = {}
-    for mode in ("off", "forward", "full"):
-        model, cfg = build(lever, fp8_attention=mode, attention_free_layers=free, **ATTENTION_ONLY)
-        calls.clear()
-        model(x, y).backward()
-        counts[mode] = len(calls)
-        model.eval()
-        calls.clear()
-        with torch.no_grad():
-            model(x, y)
-        assert not calls, mode
+    counts, cfg = float8_products_per_mode(lever, monkeypatch, "fp8_attention", attention_free_layers=free,
+                                           **ATTENTION_ONLY)
     attending = cfg.n_layer - (1 if free else 0)
     assert counts["forward"] - counts["off"] == 2 * attending  # the head's own products are in all three
     assert counts["full"] - counts["off"] == 6 * attending

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lever_helpers import (assert_float8_evaluates_exactly, assert_float8_trains_like_exact, batch, build,
-                           lever_and_parent, train)
+                           float8_products_per_mode, lever_and_parent, train)
 
 lever, parent_step = lever_and_parent("fp8_mlp")
 # zero-initialized output projections would make every MLP's first output 0, whatever its products' precision
@@ -42,21 +42,7 @@ def test_full_by_default_and_off_is_the_parent():
 
 def test_every_mlp_product_is_float8_in_training_and_none_in_evaluation(monkeypatch):
     """Per forward, each block's MLP adds two float8 products; `full` adds its backward's four; evaluation none."""
-    calls = []
-    original = torch._scaled_mm
-    monkeypatch.setattr(lever.torch, "_scaled_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
-    x, y = batch()
-    counts = {}
-    for mode in ("off", "forward", "full"):
-        model, cfg = build(lever, fp8_mlp=mode, **MLP_ON)
-        calls.clear()
-        model(x, y).backward()
-        counts[mode] = len(calls)
-        model.eval()
-        calls.clear()
-        with torch.no_grad():
-            model(x, y)
-        assert not calls, mode
+    counts, cfg = float8_products_per_mode(lever, monkeypatch, "fp8_mlp", **MLP_ON)
     blocks = cfg.n_layer
     assert counts["forward"] - counts["off"] == 2 * blocks
     assert counts["full"] - counts["off"] == 6 * blocks
