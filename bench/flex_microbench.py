@@ -10,7 +10,8 @@ A variant is a --flex_kernel_options value (`default`: none, torch's own choice)
 (the long and the short blocks), the block mask the model builds. Each variant is compiled, run 3 times untimed,
 then timed over --iters runs with CUDA events. It prints one line per variant and width: milliseconds per call
 (forward and backward; forward only off CUDA, where FlexAttention has no backward), compile seconds, and the largest
-difference of its output from the first variant's (tiles must not change it beyond rounding).
+difference of its output from the first variant's (tiles must not change it beyond rounding). A variant that fails (tiles past the card's shared memory) prints
+`failed:` and its error, and the next one runs.
 """
 
 import argparse
@@ -83,9 +84,17 @@ def main(argv=None):
                     out.backward(grad)
                 return out
             t0 = time.time()
-            out = step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            try:  # tiles past the card's shared memory fail here: say so, and time the next variant
+                out = step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            except Exception as error:  # noqa: BLE001 (Triton's and inductor's errors have no common type)
+                lines.append(f"window {width:5d} {variant}: failed: {type(error).__name__}: "
+                             f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+                print(lines[-1], flush=True)
+                for t in (q, k, v):
+                    t.grad = None
+                continue
             compile_s = time.time() - t0
             for _ in range(2):
                 step()
