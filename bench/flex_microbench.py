@@ -1,20 +1,23 @@
 #!/usr/bin/env python3
 """Time FlexAttention alone, forward and backward, on one micro-batch of a lineage script's benchmark shape, for
-several --flex_kernel_options (step 60 on): which tiles, warps and stages to give the kernels.
+several sets of its Triton kernels' options (flex_attention's kernel_options): which tiles, warps and stages.
 
-    python bench/flex_microbench.py --script 60-add-flex-kernel-options.py default \\
+    python bench/flex_microbench.py --script 61-add-backout.py default \\
         fwd_BLOCK_M=128,fwd_BLOCK_N=128 bwd_BLOCK_M1=64,bwd_BLOCK_N1=128,bwd_BLOCK_M2=128,bwd_BLOCK_N2=64
 
-A variant is a --flex_kernel_options value (`default`: none, torch's own choice). The shape is the script's
---preset=bench100m micro-batch (8 sequences of 8,192 tokens, 6 heads of 128) at a fixed --window and at half of it
-(the long and the short blocks), the block mask the model builds. Each variant is compiled, run 3 times untimed,
-then timed over --iters runs with CUDA events. It prints one line per variant and width: milliseconds per call
-(forward and backward; forward only off CUDA, where FlexAttention has no backward), compile seconds, and the largest
-difference of its output from the first variant's (tiles must not change it beyond rounding). A variant that fails (tiles past the card's shared memory) prints
-`failed:` and its error, and the next one runs.
+A variant is `default` (none: torch's own choice) or KEY=N items, KEY one of OPTIONS (fwd_ or bwd_ in front sets one
+direction's only), tiles powers of 2 from 16 that divide the block mask's 128-token tiles. The shape is the script's
+(step 46 on) --preset=bench100m micro-batch (8 sequences of 8,192 tokens, 6 heads of 128) at a fixed --window and at
+half of it (the long and the short blocks), the block mask the model builds. Each variant is compiled, run 3 times
+untimed, then timed over --iters runs with CUDA events. It prints one line per variant and width: milliseconds per
+call (forward and backward; forward only off CUDA, where FlexAttention has no backward), compile seconds, and the
+largest difference of its output from the first variant's (tiles must not change it beyond rounding). A variant
+that fails (tiles past the card's shared memory) prints `failed:` and its error, and the next one runs.
+2026-11-26 (n), H200: none of seven sets beat torch's default (bench/RESULTS.md), so no step sets them.
 """
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -28,7 +31,7 @@ from profile_step import load_script  # noqa: E402
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--script", required=True, help="a lineage script with --flex_kernel_options (step 60 on)")
+    parser.add_argument("--script", required=True, help="a lineage script with FlexAttention (step 46 on)")
     parser.add_argument("--window", type=int, default=2048, help="the long blocks' window; the short get half")
     parser.add_argument("--batch_size", type=int, default=0, help="sequences per call (0: the bench100m preset's)")
     parser.add_argument("--block_size", type=int, default=0, help="tokens per sequence (0: the preset's)")
@@ -37,29 +40,49 @@ def parse_args(argv):
     parser.add_argument("--iters", type=int, default=20, help="timed calls per variant and width")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu (forward only, uncompiled: a check)")
     parser.add_argument("--compile", type=int, default=1, help="torch.compile each variant (0: eager)")
-    parser.add_argument("variants", nargs="+", help="--flex_kernel_options values, or default")
+    parser.add_argument("variants", nargs="+", help="KEY=N,... kernel options (see above), or default")
     return parser.parse_args(argv)
 
 
-def configs(module, args):
-    """The script's config for each variant, checked by the script itself (a bad value fails here, before any
-    work)."""
+TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")  # forward's; backward's two passes'
+OPTIONS = TILES + ("num_warps", "num_stages")
+
+
+def kernel_options(variant):
+    """A variant as flex_attention's kernel_options dict (None for `default`); a bad one fails before any work."""
+    if variant == "default":
+        return None
+    options = {}
+    for item in variant.split(","):
+        key, _, value = item.partition("=")
+        name = key.removeprefix("fwd_").removeprefix("bwd_")
+        if name not in OPTIONS or not value.isdigit() or key in options:
+            raise SystemExit(f"variant {variant!r}: {item!r} is not KEY=N with KEY one of {', '.join(OPTIONS)} (fwd_ "
+                             "or bwd_ in front sets one direction's only), each once, e.g. fwd_BLOCK_M=128")
+        number = int(value)
+        if name in TILES and (number < 16 or number & (number - 1) or 128 % number):
+            raise SystemExit(f"variant {variant!r}: {key}={number} must be a power of 2 from 16 that divides the "
+                             "block mask's 128-token tiles: 16, 32, 64 or 128")
+        options[key] = number
+    return options
+
+
+def config(module, args):
+    """The script's bench100m config at the fixed window, checked by the script itself."""
+    if "window" not in inspect.signature(module.GPT.attention_mask).parameters:
+        raise SystemExit(f"{args.script}: its GPT.attention_mask takes no window (step 46 on)")
     shape = [f"--{key}={getattr(args, key)}" for key in ("batch_size", "block_size", "n_head", "n_embd")
              if getattr(args, key)]
-    base = ["--preset=bench100m", f"--window={args.window}", "--window_ramp=false", "--attention=flex", *shape]
-    if not hasattr(module.Config, "flex_kernel_options"):
-        raise SystemExit(f"{args.script} has no --flex_kernel_options (step 60 on)")
-    return {variant: module.parse_config(base + ([] if variant == "default" else
-                                                 [f"--flex_kernel_options={variant}"]))
-            for variant in args.variants}
+    return module.parse_config(["--preset=bench100m", f"--window={args.window}", "--window_ramp=false",
+                                "--attention=flex", *shape])
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     module = load_script(args.script)
-    cfgs = configs(module, args)
+    variants = {variant: kernel_options(variant) for variant in args.variants}
+    cfg = config(module, args)
     device = torch.device(args.device)
-    cfg = next(iter(cfgs.values()))
     with torch.device("meta"):
         model = module.GPT(cfg)  # only its attention_mask (and window): no weights needed
     generator = torch.Generator().manual_seed(0)
@@ -71,8 +94,7 @@ def main(argv=None):
     lines, first = [], {}
     for width in (args.window, args.window // 2):
         mask = model.attention_mask(idx, flex=True, window=torch.tensor(width, device=device))
-        for variant, variant_cfg in cfgs.items():
-            options = module.flex_kernel_options(variant_cfg) or None
+        for variant, options in variants.items():
 
             def call(q, k, v):
                 return module.flex_attention(q, k, v, block_mask=mask, kernel_options=options)

@@ -38,7 +38,7 @@ SPEED_SWITCHES_OFF = {"async_batches": False, "value_embeddings": 0, "x0_mixing"
                       "fused_head_loss": False, "long_window_layers": "", "attention_free_layers": "",
                       "unet_skips": False, "attention_gate": 0, "fp8_mlp": "off", "normuon": False,
                       "fp8_attention": "off", "muon_ns_coefficients": "jordan",
-                      "flex_kernel_options": "", "smear_gate": 0, "backout_layer": -1}
+                      "smear_gate": 0, "backout_layer": -1}
 
 
 def step_adding(field):
@@ -116,7 +116,7 @@ def no_network(monkeypatch):
 # attention-free blocks (0, 4, 11 and 7) are not among 2, so every block attends alike.
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, total_batch_size=128, max_steps=5,
             warmup_steps=1, device="cpu", val_tokens=256, val_every=0, ckpt_every=0, sample_every=0,
-            value_embeddings=1, long_window_layers="", attention_free_layers="")
+            value_embeddings=1, long_window_layers="", attention_free_layers="", backout_layer=-1)
 
 
 def tiny_args(script, data, out_dir, **overrides):

@@ -1,7 +1,7 @@
-"""--backout_layer=N (step 62, off by default): the head reads the last block's output less lambda times the stream
-after block N, lambda learned from 0.5. Off, the step is its parent bit for bit; on, step 0's loss is the parent's
-(every block adds 0 at the start, and ln_f does not see the scale) and then it learns differently; the head gets
-exactly x - lambda * x_N; AdamW trains lambda, undecayed; a block out of range is refused."""
+"""--backout_layer=N (step 61, block 8 by default): the head reads the last block's output less lambda times the
+stream after block N, lambda learned from 0.5. Off (-1), the step is its parent bit for bit; on, step 0's loss is the
+parent's (every block adds 0 at the start, and ln_f does not see the scale) and then it learns differently; the head
+gets exactly x - lambda * x_N; AdamW trains lambda, undecayed; a block out of range is refused."""
 import pytest
 import torch
 
@@ -12,11 +12,12 @@ lever, parent_step = lever_and_parent("backout_layer")
 LEVER_SCRIPT = step_adding("backout_layer")
 
 
-def test_off_by_default_is_the_parent_and_on_starts_as_it_then_learns():
-    assert lever.Config().backout_layer == -1
+def test_on_by_default_off_is_the_parent_and_on_starts_as_it_then_learns():
+    assert lever.Config().backout_layer == 8 and lever.Config().n_layer == 12
+    assert lever.parse_config(["--preset=demo"]).backout_layer == 2  # the demo's 4 blocks
     assert not hasattr(parent_step.Config, "backout_layer")
-    assert f"    {script_number(LEVER_SCRIPT)}  --backout_layer=N" in lever.__doc__
-    model, cfg = build(lever)
+    assert f"    {script_number(LEVER_SCRIPT)}  --backout_layer=8 by default" in lever.__doc__
+    model, cfg = build(lever, backout_layer=-1)
     parent, parent_cfg = build(parent_step)
     parent_losses = train(parent, parent_cfg, parent_step, 4)
     assert train(model, cfg, lever, 4) == parent_losses

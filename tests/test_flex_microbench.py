@@ -1,6 +1,6 @@
-"""bench/flex_microbench.py: on a tiny shape on the CPU, each --flex_kernel_options variant runs FlexAttention at the
-window and at half of it with the same output as the first variant; a bad variant and a script without the setting
-fail before any work."""
+"""bench/flex_microbench.py: on a tiny shape on the CPU, each kernel-options variant runs FlexAttention at the
+window and at half of it with the same output as the first variant, its options reaching flex_attention; a bad
+variant and a script whose mask takes no window fail before any work; a failing variant is reported."""
 import importlib.util
 import os
 import re
@@ -25,11 +25,33 @@ def test_each_variant_runs_both_widths_with_the_same_output():
     assert all("(forward)" in line and line.endswith("max |out - first| 0.00e+00") for line in lines)
 
 
-def test_bad_variants_and_old_scripts_fail_before_any_work():
-    with pytest.raises(SystemExit, match=r"--flex_kernel_options='BLOCK_M=96'"):
-        flex_microbench.main(TINY + ["default", "BLOCK_M=96"])
-    older = os.path.join(REPO, SCRIPTS[SCRIPTS.index(step_adding("flex_kernel_options")) - 1])
-    with pytest.raises(SystemExit, match="has no --flex_kernel_options"):
+def test_each_variant_reaches_flex_attention_as_its_options(monkeypatch):
+    load_script, seen = flex_microbench.load_script, []
+
+    def load(path):
+        module = load_script(path)
+        flex_attention = module.flex_attention
+        monkeypatch.setattr(module, "flex_attention", lambda *a, kernel_options=None, **k: seen.append(
+            kernel_options) or flex_attention(*a, kernel_options=kernel_options, **k))
+        return module
+    monkeypatch.setattr(flex_microbench, "load_script", load)
+    flex_microbench.main(TINY + ["default", "fwd_BLOCK_M=64,bwd_num_warps=8"])
+    assert None in seen and {"fwd_BLOCK_M": 64, "bwd_num_warps": 8} in seen
+    assert all(options in (None, {"fwd_BLOCK_M": 64, "bwd_num_warps": 8}) for options in seen)
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("BLOCK_M=96", "BLOCK_M=96 must be a power of 2 from 16 that divides"),
+    ("BLOCK_Q=64", "'BLOCK_Q=64' is not KEY=N"), ("num_warps=four", "'num_warps=four' is not KEY=N"),
+    ("fwd_BLOCK_M=64,fwd_BLOCK_M=32", "'fwd_BLOCK_M=32' is not KEY=N")])
+def test_bad_variants_fail_before_any_work(variant, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        flex_microbench.main(TINY + ["default", variant])
+
+
+def test_a_script_whose_mask_takes_no_window_fails_before_any_work():
+    older = os.path.join(REPO, SCRIPTS[SCRIPTS.index(step_adding("long_window_layers")) - 1])
+    with pytest.raises(SystemExit, match="takes no window"):
         flex_microbench.main(TINY[2:] + ["--script", older, "default"])
 
 

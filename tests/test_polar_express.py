@@ -1,4 +1,4 @@
-"""--muon_ns_coefficients (step 59, jordan by default): polar_express gives each Newton-Schulz iteration its own
+"""--muon_ns_coefficients (step 59, polar_express by default): polar_express gives each Newton-Schulz iteration its own
 (a, b, c), Polar Express's five, the norm divided by 1.02 first. Jordan's is the parent (step 58); Polar Express's
 singular values end closer to 1 than Jordan's in the same five steps, on well- and ill-conditioned matrices; a sixth
 step repeats the last set; batched and one-by-one Muon agree; a bad value is refused, naming both choices."""
@@ -23,11 +23,11 @@ def matrices():
         yield shape, "ill-conditioned", U @ torch.diag(torch.logspace(-3, 0, S.numel())) @ V
 
 
-def test_jordan_by_default_is_the_parent_and_polar_express_differs():
-    assert lever.Config().muon_ns_coefficients == "jordan"
+def test_polar_express_by_default_jordan_is_the_parent_and_polar_express_differs():
+    assert lever.Config().muon_ns_coefficients == "polar_express"
     assert not hasattr(parent_step.Config, "muon_ns_coefficients")
-    assert f"    {script_number(LEVER_SCRIPT)}  --muon_ns_coefficients=polar_express" in lever.__doc__
-    model, cfg = build(lever)
+    assert f"    {script_number(LEVER_SCRIPT)}  --muon_ns_coefficients=polar_express by default" in lever.__doc__
+    model, cfg = build(lever, muon_ns_coefficients="jordan")
     parent, parent_cfg = build(parent_step)
     parent_losses = train(parent, parent_cfg, parent_step, 4)
     assert train(model, cfg, lever, 4) == parent_losses

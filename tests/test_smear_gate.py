@@ -1,4 +1,4 @@
-"""--smear_gate=N (step 61, off by default): each token's embedding plus lambda * sigmoid(w . its first N channels)
+"""--smear_gate=N (step 60, off by default): each token's embedding plus lambda * sigmoid(w . its first N channels)
 times the previous token's embedding, w and lambda learned from 0. Off, the step is its parent bit for bit; on, the
 model starts as its parent and then learns to smear; token t takes in token t-1 alone, never a later token; AdamW
 trains both weights; a width out of range is refused."""

@@ -1,6 +1,6 @@
-"""Step 60 of the lineage: add FlexAttention's tile sizes as a setting: the Triton kernels' blocks, warps and stages.
-Parent: 59-add-polar-express.py
-Empty (torch's defaults) until measured (bench/flex_microbench.py, then bench100m); the values cannot change a loss.
+"""Step 61 of the lineage: add backout: the head reads the last block's output less a learned share of an earlier one's.
+Parent: 60-add-smear-gate.py
+On by default (block 8): final val -0.0151 (seed 1337), -0.0128 at 50M tokens (1338) on H200 (RESULTS (n)).
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
@@ -72,8 +72,9 @@ What each step added:
     56  --compile_cache=FILE: torch.compile's artifacts saved after the warm-up, loaded first by the next run
     57  --normuon=true by default: each row of Muon's update over the root of its running mean square, norm kept
     58  --fp8_attention=full by default: training's attention projections (q, k, v, output) in float8, as fp8_mlp's
-    59  --muon_ns_coefficients=polar_express: each Newton-Schulz iteration its own (a, b, c), fitted for that iteration
-    60  --flex_kernel_options: FlexAttention's tiles, warps and stages, forward and backward, e.g. fwd_BLOCK_M=128
+    59  --muon_ns_coefficients=polar_express by default: each Newton-Schulz iteration its own fitted (a, b, c)
+    60  --smear_gate=N: each embedding plus lambda * sigmoid(w . its first N channels) times the previous token's
+    61  --backout_layer=8 by default: the stream after block 8, times a learned lambda (from 0.5), off the head's input
 """
 
 import copy
@@ -153,6 +154,8 @@ class Config:
     value_embeddings: int = 2  # N tables of token vectors added to the values of the first N and last N blocks; 0 = off
     qk_norm: str = "rms"  # normalize queries and keys per head before attention: none, rms or l2
     attention_gate: int = 12  # > 0: each head's output times sigmoid(W x[..., :N]), W learned from 0; 0 = off
+    smear_gate: int = 0  # > 0: x_t += lambda * sigmoid(w . x_t[:N]) * x_(t-1) on the embeddings, w and lambda from 0
+    backout_layer: int = 8  # >= 0: the head reads x - lambda * (x after this block), lambda learned from 0.5; -1 = off
     qk_scale_max: float = 5.0  # QK norm: the learned per-head scales are clamped to at most this
     fp8_head: bool = True  # training: the LM head multiplies in float8 (e4m3, gradients e5m2), scaled per tensor
     fused_head_loss: bool = True  # fp8_head: the loss and its float8 gradient made in one forward (Triton on CUDA)
@@ -162,7 +165,6 @@ class Config:
     bf16_activations: bool = True  # under autocast: the residual stream in its dtype (bfloat16), not the weights'
     logit_softcap: float = 15.0  # > 0: logits become logit_softcap * tanh(logits / logit_softcap); 0 = off
     attention: str = "flex"  # sdpa (fused attention, causal) or flex (FlexAttention with a block mask, compiled on CUDA)
-    flex_kernel_options: str = ""  # flex: KEY=N,... for its Triton kernels (FLEX_KERNEL_OPTIONS); empty = torch's own
     doc_masking: bool = False  # attend only within a document (each starts with <|endoftext|>, token 50256)
     window: int = 2048  # sliding window: a query attends to at most this many latest keys, itself included; 0 = off
     long_window_layers: str = "0,4,11"  # e.g. 0,3,7: these blocks get the window, the others half of it; empty = every block
@@ -207,7 +209,7 @@ class Config:
     muon_momentum_start: float = 0.85  # muon_momentum_warmup_steps: Muon's momentum at step 0
     muon_nesterov: bool = True  # Muon: Nesterov momentum (the update looks ahead along the momentum)
     muon_ns_steps: int = 5  # Muon: Newton-Schulz iterations that orthogonalize each update
-    muon_ns_coefficients: str = "jordan"  # Muon: jordan (one (a, b, c) for all) or polar_express (one per iteration)
+    muon_ns_coefficients: str = "polar_express"  # Muon: jordan (one (a, b, c) for all) or polar_express (one per iteration)
     muon_weight_decay: float = 0.0  # Muon: decoupled weight decay of its matrices
     muon_update_scale: str = "max_dim"  # Muon: aspect = sqrt(max(1, rows/cols)); max_dim = sqrt(max(rows, cols))
     grad_norm_type: float = 2.0  # the p of the p-norm that is measured and clipped (inf = the largest entry)
@@ -250,7 +252,8 @@ PRESETS = {
                  val_tokens=16384, sample_every=100, sample_prompts="ROMEO:|First Citizen:",
                  compile=False, kernel_warmup_steps=0, lr_decay_tokens=0, val_target=0.0, window=0, window_ramp=False,
                  fp8_head=False, fused_head_loss=False, fp8_mlp="off", fp8_attention="off",  # MPS has no float8
-                 long_window_layers="", attention_free_layers=""),  # 4 blocks, no window: every block attends alike
+                 long_window_layers="", attention_free_layers="",  # 4 blocks, no window: every block attends alike
+                 backout_layer=2),  # the third of 4 blocks (8 of 12 in the full model)
     # The project's benchmark (RECIPES.md): the 4.87-min recipe on 100,663,296 tokens with half its tokens per step
     # (768 x 131,072). The window: 128 until step 48, then +128 every 48 steps (2,048 from step 720 on), faster than
     # the recipe's scaled pace (every 80 steps, 1,280 at the end). The learning rate holds, then falls linearly over
@@ -264,11 +267,6 @@ PRESETS = {
 EOT = 50256  # GPT-2's <|endoftext|>: fineweb-npy.py starts every document with it
 COMPILE_CACHE_MAGIC = b"gpt-lineage compile cache 1\n"  # --compile_cache: the file's first line
 FLEX_BLOCK_SIZE = 128  # FlexAttention's tile: the block mask lists the 128 x 128 tiles that hold any allowed pair
-# --flex_kernel_options: what FlexAttention's Triton kernels take. The forward's query and key tiles (BLOCK_M,
-# BLOCK_N), the backward's two passes' (BLOCK_M1, BLOCK_N1: keys and values; BLOCK_M2, BLOCK_N2: queries), warps and
-# pipeline stages; fwd_ or bwd_ in front sets one direction's only. Tiles divide the block mask's 128.
-FLEX_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
-FLEX_KERNEL_OPTIONS = FLEX_TILE_KEYS + ("num_warps", "num_stages")
 E5M2_MAX = 57344.0  # float8 e5m2's largest value: --fused_head_loss's gradient, at most 1 in size, is scaled by it
 FUSED_LOSS_TILE = (64, 128, 8)  # --fused_head_loss's kernel: rows and vocabulary columns per tile, warps per program
 FUSED_LOSS_ROWS = 16384  # --fused_head_loss: rows of logits at a time (bf16 logits of 16,384 x 50,304: 1.6 GB)
@@ -442,13 +440,6 @@ def capped_attention(q, k, v, mask, cap, backend):
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
-def flex_kernel_options(cfg):
-    """--flex_kernel_options as the dict flex_attention takes ({} when empty); check_config has checked it."""
-    if not cfg.flex_kernel_options:
-        return {}
-    return {key: int(value) for key, value in (item.split("=") for item in cfg.flex_kernel_options.split(","))}
-
-
 @functools.cache
 def compiled_flex_attention():
     """flex_attention compiled once, on first use: uncompiled, it materializes every score (slow, memory-hungry).
@@ -474,7 +465,6 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, longest_sequence(cfg), cfg.rope_base, cfg.rope_fraction) \
             if cfg.pos_emb == "rotary" else None
         self.qk_norm, self.qk_scale_max = cfg.qk_norm, cfg.qk_scale_max
-        self.kernel_options = flex_kernel_options(cfg) or None  # None: torch's own choice, as before
         self.attn_softcap, self.attn_softcap_backend = cfg.attn_softcap, cfg.attn_softcap_backend
         if cfg.qk_norm != "none":
             # l2 makes unit vectors, rms vectors of length sqrt(head_dim): the l2 scales start at sqrt(head_dim)
@@ -525,7 +515,7 @@ class CausalSelfAttention(nn.Module):
             if packed:
                 q, k, v = (t.transpose(0, 1).reshape(1, t.size(1), B * T, t.size(3)) for t in (q, k, v))
             y = flex(q, k, v, score_mod=self.capped_score if self.attn_softcap else None, block_mask=mask,
-                     enable_gqa=gqa, kernel_options=self.kernel_options)
+                     enable_gqa=gqa)
             if packed:
                 y = y.reshape(y.size(1), B, T, y.size(3)).transpose(0, 1)  # back to (B, n_head, T, head_dim)
         elif self.attn_softcap:
@@ -643,6 +633,16 @@ class GPT(nn.Module):
         # pre-norms and ln_f do not see). 1-D: AdamW trains it, undecayed, with the other scalars
         if cfg.unet_skips:
             self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        # --smear_gate: made last, so that every other weight starts as without it (same seed). Both from 0: the
+        # model starts as without it. Outside the blocks: AdamW trains the gate's map (decayed, 2-D) and lambda.
+        if cfg.smear_gate:
+            self.smear = nn.Linear(cfg.smear_gate, 1, bias=False)
+            nn.init.zeros_(self.smear.weight)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        # --backout_layer: 1-D, so AdamW trains it undecayed. From 0.5: at step 0 every block adds 0 (zero-initialized
+        # projections), the stream is the embedding all the way, and ln_f gives the head the same input at half size
+        if cfg.backout_layer >= 0:
+            self.backout_lambda = nn.Parameter(torch.tensor([0.5]))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -709,6 +709,9 @@ class GPT(nn.Module):
             # the embeddings are float32 like every weight, and the stream would stay so: every elementwise pass over
             # it (norms, residual adds, x0 mixing) then moves twice the bytes, and backward saves twice the memory
             x = x.to(torch.get_autocast_dtype(idx.device.type))
+        if self.cfg.smear_gate:  # token t's embedding takes in a share of token t-1's, gated by t's first channels
+            share = self.smear_lambda * torch.sigmoid(self.smear(x[:, 1:, :self.cfg.smear_gate]))  # (B, T-1, 1)
+            x = torch.cat([x[:, :1], x[:, 1:] + (share * x[:, :-1]).to(x.dtype)], dim=1)
         # FlexAttention has no backward pass off CUDA: there the same mask function goes to SDPA as a dense mask
         flex = self.cfg.attention == "flex" and idx.is_cuda
         mask = self.attention_mask(idx, flex)
@@ -727,6 +730,10 @@ class GPT(nn.Module):
             x = block(x, layer_mask, None if table is None else value_embeddings[table], x0)
             if layer < n_skips:
                 skips.append(x)
+            if layer == self.cfg.backout_layer:
+                backout = x
+        if self.cfg.backout_layer >= 0:  # later blocks' additions whole, the stream they began from times 1 - lambda
+            x = x - self.backout_lambda.to(x.dtype) * backout
         return self.head(x, targets)
 
     def head(self, x, targets=None):
@@ -2163,30 +2170,6 @@ def resolve_training(cfg, world_size):
                         val_steps=cfg.val_tokens // (val_batch_size * val_block_size * world_size))
 
 
-def check_flex_kernel_options(cfg):
-    """--flex_kernel_options: KEY=N items, each key one of FLEX_KERNEL_OPTIONS (fwd_ or bwd_ in front, or neither),
-    once; tiles powers of 2 from 16 that divide FLEX_BLOCK_SIZE, warps 1 to 16, stages 1 to 8; only with flex."""
-    field = f"--flex_kernel_options={cfg.flex_kernel_options!r}"
-    if cfg.attention != "flex":
-        raise ConfigError(f"{field} sets FlexAttention's kernels, but --attention={cfg.attention}: use "
-                          "--attention=flex or drop it")
-    seen = set()
-    for item in cfg.flex_kernel_options.split(","):
-        key, _, value = item.partition("=")
-        name = key.removeprefix("fwd_").removeprefix("bwd_")
-        if name not in FLEX_KERNEL_OPTIONS or not re.fullmatch(r"\d+", value) or key in seen:
-            raise ConfigError(f"{field}: {item!r} is not KEY=N with KEY one of {', '.join(FLEX_KERNEL_OPTIONS)} (fwd_ "
-                              "or bwd_ in front sets one direction's only), each once, e.g. fwd_BLOCK_M=128,"
-                              "bwd_num_warps=8")
-        seen.add(key)
-        number = int(value)
-        if name in FLEX_TILE_KEYS and (number < 16 or number & (number - 1) or FLEX_BLOCK_SIZE % number):
-            raise ConfigError(f"{field}: {key}={number} must be a power of 2 from 16 that divides the block "
-                              f"mask's {FLEX_BLOCK_SIZE}-token tiles: 16, 32, 64 or 128")
-        if (name == "num_warps" and not 1 <= number <= 16) or (name == "num_stages" and not 1 <= number <= 8):
-            raise ConfigError(f"{field}: {key}={number} is out of range (num_warps 1 to 16, num_stages 1 to 8)")
-
-
 def check_config(cfg, world_size=1):
     """Reject settings that would fail later (or silently do the wrong thing), naming the field and the fix."""
     positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "total_batch_size",
@@ -2207,6 +2190,12 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--activation={cfg.activation!r} is not one of: {', '.join(ACTIVATIONS)}, swiglu")
     if not isinstance(cfg.x0_mixing, bool):  # a string such as "false", set in code, would be true
         raise ConfigError(f"--x0_mixing={cfg.x0_mixing!r} is not a bool; set it to true or false")
+    if not -1 <= cfg.backout_layer <= cfg.n_layer - 2:
+        raise ConfigError(f"--backout_layer={cfg.backout_layer} must be -1 (off) or a block before the last, 0 to "
+                          f"{cfg.n_layer - 2} with --n_layer={cfg.n_layer} (the records take 8 of 12)")
+    if not 0 <= cfg.smear_gate <= cfg.n_embd:
+        raise ConfigError(f"--smear_gate={cfg.smear_gate} must be between 0 (off) and --n_embd={cfg.n_embd}: the "
+                          "channels of a token's embedding its gate reads (the records read 12)")
     if not 0 <= cfg.attention_gate <= cfg.n_embd:
         raise ConfigError(f"--attention_gate={cfg.attention_gate} must be between 0 (off) and --n_embd={cfg.n_embd}: "
                           "the gate reads that many of the block input's first channels (record #28: 12)")
@@ -2313,8 +2302,6 @@ def check_config(cfg, world_size=1):
     if not -1 <= cfg.pad_token < cfg.vocab_size:
         raise ConfigError(f"--pad_token={cfg.pad_token} is not a token id below --vocab_size={cfg.vocab_size} "
                           "(or -1 for no padding)")
-    if cfg.flex_kernel_options:
-        check_flex_kernel_options(cfg)
     if cfg.blockmask_from_kv_blocks and cfg.attention != "flex":
         raise ConfigError("--blockmask_from_kv_blocks builds FlexAttention's block mask: use it with --attention=flex, "
                           "or set it false")

@@ -1,5 +1,5 @@
-"""Step 61 of the lineage: add the smear gate: each token's embedding takes in a gated share of the previous token's.
-Parent: 60-add-flex-kernel-options.py
+"""Step 60 of the lineage: add the smear gate: each token's embedding takes in a gated share of the previous token's.
+Parent: 59-add-polar-express.py
 Off (0) until measured on bench100m; the gate reads the first --smear_gate channels of the token's own embedding.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
@@ -72,9 +72,8 @@ What each step added:
     56  --compile_cache=FILE: torch.compile's artifacts saved after the warm-up, loaded first by the next run
     57  --normuon=true by default: each row of Muon's update over the root of its running mean square, norm kept
     58  --fp8_attention=full by default: training's attention projections (q, k, v, output) in float8, as fp8_mlp's
-    59  --muon_ns_coefficients=polar_express: each Newton-Schulz iteration its own (a, b, c), fitted for that iteration
-    60  --flex_kernel_options: FlexAttention's tiles, warps and stages, forward and backward, e.g. fwd_BLOCK_M=128
-    61  --smear_gate=N: each embedding plus lambda * sigmoid(w . its first N channels) times the previous token's
+    59  --muon_ns_coefficients=polar_express by default: each Newton-Schulz iteration its own fitted (a, b, c)
+    60  --smear_gate=N: each embedding plus lambda * sigmoid(w . its first N channels) times the previous token's
 """
 
 import copy
@@ -164,7 +163,6 @@ class Config:
     bf16_activations: bool = True  # under autocast: the residual stream in its dtype (bfloat16), not the weights'
     logit_softcap: float = 15.0  # > 0: logits become logit_softcap * tanh(logits / logit_softcap); 0 = off
     attention: str = "flex"  # sdpa (fused attention, causal) or flex (FlexAttention with a block mask, compiled on CUDA)
-    flex_kernel_options: str = ""  # flex: KEY=N,... for its Triton kernels (FLEX_KERNEL_OPTIONS); empty = torch's own
     doc_masking: bool = False  # attend only within a document (each starts with <|endoftext|>, token 50256)
     window: int = 2048  # sliding window: a query attends to at most this many latest keys, itself included; 0 = off
     long_window_layers: str = "0,4,11"  # e.g. 0,3,7: these blocks get the window, the others half of it; empty = every block
@@ -209,7 +207,7 @@ class Config:
     muon_momentum_start: float = 0.85  # muon_momentum_warmup_steps: Muon's momentum at step 0
     muon_nesterov: bool = True  # Muon: Nesterov momentum (the update looks ahead along the momentum)
     muon_ns_steps: int = 5  # Muon: Newton-Schulz iterations that orthogonalize each update
-    muon_ns_coefficients: str = "jordan"  # Muon: jordan (one (a, b, c) for all) or polar_express (one per iteration)
+    muon_ns_coefficients: str = "polar_express"  # Muon: jordan (one (a, b, c) for all) or polar_express (one per iteration)
     muon_weight_decay: float = 0.0  # Muon: decoupled weight decay of its matrices
     muon_update_scale: str = "max_dim"  # Muon: aspect = sqrt(max(1, rows/cols)); max_dim = sqrt(max(rows, cols))
     grad_norm_type: float = 2.0  # the p of the p-norm that is measured and clipped (inf = the largest entry)
@@ -266,11 +264,6 @@ PRESETS = {
 EOT = 50256  # GPT-2's <|endoftext|>: fineweb-npy.py starts every document with it
 COMPILE_CACHE_MAGIC = b"gpt-lineage compile cache 1\n"  # --compile_cache: the file's first line
 FLEX_BLOCK_SIZE = 128  # FlexAttention's tile: the block mask lists the 128 x 128 tiles that hold any allowed pair
-# --flex_kernel_options: what FlexAttention's Triton kernels take. The forward's query and key tiles (BLOCK_M,
-# BLOCK_N), the backward's two passes' (BLOCK_M1, BLOCK_N1: keys and values; BLOCK_M2, BLOCK_N2: queries), warps and
-# pipeline stages; fwd_ or bwd_ in front sets one direction's only. Tiles divide the block mask's 128.
-FLEX_TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
-FLEX_KERNEL_OPTIONS = FLEX_TILE_KEYS + ("num_warps", "num_stages")
 E5M2_MAX = 57344.0  # float8 e5m2's largest value: --fused_head_loss's gradient, at most 1 in size, is scaled by it
 FUSED_LOSS_TILE = (64, 128, 8)  # --fused_head_loss's kernel: rows and vocabulary columns per tile, warps per program
 FUSED_LOSS_ROWS = 16384  # --fused_head_loss: rows of logits at a time (bf16 logits of 16,384 x 50,304: 1.6 GB)
@@ -444,13 +437,6 @@ def capped_attention(q, k, v, mask, cap, backend):
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
-def flex_kernel_options(cfg):
-    """--flex_kernel_options as the dict flex_attention takes ({} when empty); check_config has checked it."""
-    if not cfg.flex_kernel_options:
-        return {}
-    return {key: int(value) for key, value in (item.split("=") for item in cfg.flex_kernel_options.split(","))}
-
-
 @functools.cache
 def compiled_flex_attention():
     """flex_attention compiled once, on first use: uncompiled, it materializes every score (slow, memory-hungry).
@@ -476,7 +462,6 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.n_embd // cfg.n_head, longest_sequence(cfg), cfg.rope_base, cfg.rope_fraction) \
             if cfg.pos_emb == "rotary" else None
         self.qk_norm, self.qk_scale_max = cfg.qk_norm, cfg.qk_scale_max
-        self.kernel_options = flex_kernel_options(cfg) or None  # None: torch's own choice, as before
         self.attn_softcap, self.attn_softcap_backend = cfg.attn_softcap, cfg.attn_softcap_backend
         if cfg.qk_norm != "none":
             # l2 makes unit vectors, rms vectors of length sqrt(head_dim): the l2 scales start at sqrt(head_dim)
@@ -527,7 +512,7 @@ class CausalSelfAttention(nn.Module):
             if packed:
                 q, k, v = (t.transpose(0, 1).reshape(1, t.size(1), B * T, t.size(3)) for t in (q, k, v))
             y = flex(q, k, v, score_mod=self.capped_score if self.attn_softcap else None, block_mask=mask,
-                     enable_gqa=gqa, kernel_options=self.kernel_options)
+                     enable_gqa=gqa)
             if packed:
                 y = y.reshape(y.size(1), B, T, y.size(3)).transpose(0, 1)  # back to (B, n_head, T, head_dim)
         elif self.attn_softcap:
@@ -2174,30 +2159,6 @@ def resolve_training(cfg, world_size):
                         val_steps=cfg.val_tokens // (val_batch_size * val_block_size * world_size))
 
 
-def check_flex_kernel_options(cfg):
-    """--flex_kernel_options: KEY=N items, each key one of FLEX_KERNEL_OPTIONS (fwd_ or bwd_ in front, or neither),
-    once; tiles powers of 2 from 16 that divide FLEX_BLOCK_SIZE, warps 1 to 16, stages 1 to 8; only with flex."""
-    field = f"--flex_kernel_options={cfg.flex_kernel_options!r}"
-    if cfg.attention != "flex":
-        raise ConfigError(f"{field} sets FlexAttention's kernels, but --attention={cfg.attention}: use "
-                          "--attention=flex or drop it")
-    seen = set()
-    for item in cfg.flex_kernel_options.split(","):
-        key, _, value = item.partition("=")
-        name = key.removeprefix("fwd_").removeprefix("bwd_")
-        if name not in FLEX_KERNEL_OPTIONS or not re.fullmatch(r"\d+", value) or key in seen:
-            raise ConfigError(f"{field}: {item!r} is not KEY=N with KEY one of {', '.join(FLEX_KERNEL_OPTIONS)} (fwd_ "
-                              "or bwd_ in front sets one direction's only), each once, e.g. fwd_BLOCK_M=128,"
-                              "bwd_num_warps=8")
-        seen.add(key)
-        number = int(value)
-        if name in FLEX_TILE_KEYS and (number < 16 or number & (number - 1) or FLEX_BLOCK_SIZE % number):
-            raise ConfigError(f"{field}: {key}={number} must be a power of 2 from 16 that divides the block "
-                              f"mask's {FLEX_BLOCK_SIZE}-token tiles: 16, 32, 64 or 128")
-        if (name == "num_warps" and not 1 <= number <= 16) or (name == "num_stages" and not 1 <= number <= 8):
-            raise ConfigError(f"{field}: {key}={number} is out of range (num_warps 1 to 16, num_stages 1 to 8)")
-
-
 def check_config(cfg, world_size=1):
     """Reject settings that would fail later (or silently do the wrong thing), naming the field and the fix."""
     positive = ["vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "total_batch_size",
@@ -2327,8 +2288,6 @@ def check_config(cfg, world_size=1):
     if not -1 <= cfg.pad_token < cfg.vocab_size:
         raise ConfigError(f"--pad_token={cfg.pad_token} is not a token id below --vocab_size={cfg.vocab_size} "
                           "(or -1 for no padding)")
-    if cfg.flex_kernel_options:
-        check_flex_kernel_options(cfg)
     if cfg.blockmask_from_kv_blocks and cfg.attention != "flex":
         raise ConfigError("--blockmask_from_kv_blocks builds FlexAttention's block mask: use it with --attention=flex, "
                           "or set it false")
