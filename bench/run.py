@@ -63,6 +63,7 @@ import runlog  # noqa: E402
 FIRST_SHARD_STEP = 3  # lineage steps from 03 read a folder of .npy shards; 01-02 read a text file
 BENCH100M_TOKENS = 100_663_296  # = 384 x 262,144 = 256 x 393,216 = 192 x 524,288 (shared/RECIPES.md §1)
 BENCH100M_VAL_TOKENS = 10_485_760  # the first this many tokens of the val shard, the speedrun's val set
+BENCH100M_TARGET_VAL = 1.098  # record #28's final val on bench100m (shared/RECIPES.md §2): the issue's bar for a step
 RESULTS = os.path.join(HERE, "results.jsonl")
 
 ROW_HEADER = ("| run | card | torch | script | overrides | tokens | compile+warm-up s | steady tok/s | MFU | "
@@ -356,6 +357,20 @@ def val_at_quarters(val, budget):
     return points
 
 
+def target_fields(summary):
+    """bench100m: the bar (`target_val`) and the training seconds to the first val at or below it; custom: None."""
+    target = BENCH100M_TARGET_VAL if summary["protocol"] == "bench100m" else None
+    return {"target_val": target, "train_s_to_target": target and seconds_to_target(summary["val"], target)}
+
+
+def seconds_to_target(val, target):
+    """Training seconds (validation and the compile estimate excluded) at the first val point at or below `target`;
+    None if none was. As fine as the run's --val_every: the quarters alone under bench100m by default."""
+    point = next((p for p in val if p["val_loss"] is not None and p["val_loss"] <= target
+                  and p.get("train_time_ex_compile_ms") is not None), None)
+    return point and round(point["train_time_ex_compile_ms"] / 1000, 3)
+
+
 def result_line(summary, corpus_sha256=None):
     """The one JSON line a run appends to the results file: what ../shared/RECIPES.md §1 asks a benchmark to
     report."""
@@ -366,6 +381,7 @@ def result_line(summary, corpus_sha256=None):
         "val_at_quarters": val_at_quarters(summary["val"], summary["budget_tokens"]),
         "final_val_loss": summary["final_val_loss"], "train_s": summary["train_time_ex_compile_s"],
         "compile_warmup_s": summary["compile_warmup_s"], "peak_mem_mib": summary["peak_mem_mib"],
+        **target_fields(summary),
         "baseline": summary["baseline"], "status": summary["status"], "nproc": summary["nproc"],
         "torch": summary["torch"], "corpus_sha256": corpus_sha256,
         **({} if summary.get("gpu") is None else {"gpu": summary["gpu"]}),

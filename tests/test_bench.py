@@ -30,7 +30,7 @@ SUMMARY_FIELDS = ["name", "script", "overrides", "protocol", "baseline", "nproc"
                   "result"]
 RESULT_FIELDS = ["name", "card", "date", "script", "overrides", "protocol", "budget_tokens", "tokens_trained",
                  "tokens_per_s", "val_at_quarters", "final_val_loss", "train_s", "compile_warmup_s", "peak_mem_mib",
-                 "baseline", "status", "nproc", "torch", "corpus_sha256"]
+                 "target_val", "train_s_to_target", "baseline", "status", "nproc", "torch", "corpus_sha256"]
 
 
 def load_bench(name):
@@ -217,6 +217,21 @@ def test_runner_appends_one_result_line(corpus, tiny_run):
     assert line["tokens_per_s"] == s["steady_tokens_per_s"] and line["train_s"] == s["train_time_ex_compile_s"]
     assert line["compile_warmup_s"] == s["compile_warmup_s"] and line["peak_mem_mib"] is None
     assert [p["target"] for p in line["val_at_quarters"]] == [175, 350, 525, 700]
+    assert line["target_val"] is None and line["train_s_to_target"] is None  # the bar is bench100m's
+
+
+def test_seconds_to_target_is_the_first_val_at_or_below_the_bar():
+    val = [{"step": 0, "val_loss": 9.0, "train_time_ex_compile_ms": 0.0},
+           {"step": 64, "val_loss": 1.2, "train_time_ex_compile_ms": 50_000.0},
+           {"step": 96, "val_loss": 1.098, "train_time_ex_compile_ms": 75_250.4},
+           {"step": 128, "val_loss": 1.05, "train_time_ex_compile_ms": 100_000.0}]
+    assert bench_run.seconds_to_target(val, 1.098) == 75.25
+    assert bench_run.seconds_to_target(val, 1.1) == 75.25 and bench_run.seconds_to_target(val, 1.06) == 100.0
+    assert bench_run.seconds_to_target(val, 1.0) is None and bench_run.seconds_to_target([], 1.098) is None
+    assert bench_run.target_fields({"protocol": "bench100m", "val": val}) == {"target_val": 1.098,
+                                                                             "train_s_to_target": 75.25}
+    assert bench_run.target_fields({"protocol": "custom", "val": val}) == {"target_val": None,
+                                                                          "train_s_to_target": None}
 
 
 def test_runner_gives_text_steps_a_text_file_decoded_from_the_shards(corpus, tmp_path):
@@ -332,6 +347,7 @@ def test_bench100m_protocol(tmp_path):
     assert line["val_at_quarters"] == [{"target": 25_165_824 * q, "tokens": 25_165_824 * q, "val_loss": 10.0 - q}
                                        for q in (1, 2, 3, 4)]
     assert line["final_val_loss"] == 6.0
+    assert (line["target_val"], line["train_s_to_target"]) == (1.098, None)  # the stub's losses end at 6
 
     done = run_bench(*common, "--name", "every3", "--", "--data=unused", "--val_every=3")
     assert done.returncode == 0 and "--val_every=1" not in done.stdout
