@@ -119,6 +119,13 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, total_b
             value_embeddings=1, long_window_layers="", attention_free_layers="", backout_layer=-1)
 
 
+def tiny_extras(script):
+    """Overrides that give a tiny run of `script` the switches TINY leaves off for want of blocks, where the script
+    has them: 3 blocks, backout at block 1 (8 of 12 in the full model) and the smear gate (step 60, off by default)."""
+    fields = {f.name for f in dataclasses.fields(load_script(script).Config)}
+    return dict(n_layer=3, backout_layer=1, smear_gate=8) if "backout_layer" in fields else {}
+
+
 def tiny_args(script, data, out_dir, **overrides):
     """Command-line arguments for a tiny CPU run (seconds) of `script`: TINY's values for the fields the script
     has (later steps add fields), then the overrides, which must all be fields of the script."""

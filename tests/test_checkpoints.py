@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_model
 
-from conftest import load_script, logged_steps, scripts_from, tiny_args
+from conftest import load_script, logged_steps, scripts_from, tiny_args, tiny_extras
 from test_ddp import torchrun
 
 ARGS = dict(max_steps=6, ckpt_every=3, learning_rate=1e-2, warmup_steps=2)
@@ -14,10 +14,11 @@ ARGS = dict(max_steps=6, ckpt_every=3, learning_rate=1e-2, warmup_steps=2)
 @pytest.mark.parametrize("script", scripts_from(6))
 def test_resumed_run_continues_the_same_loss_curve(script, shakespeare, tmp_path):
     module = load_script(script)
-    full = module.main(tiny_args(script, shakespeare, tmp_path, run_name="full", **ARGS))
+    args = {**ARGS, **tiny_extras(script)}  # the newest step: backout's and the smear gate's weights resumed too
+    full = module.main(tiny_args(script, shakespeare, tmp_path, run_name="full", **args))
     checkpoints = os.path.join(full["run_dir"], "checkpoints")
     assert sorted(os.listdir(checkpoints)) == ["step_000003", "step_000006"]
-    resumed = module.main(tiny_args(script, shakespeare, tmp_path, **ARGS,
+    resumed = module.main(tiny_args(script, shakespeare, tmp_path, **args,
                                     resume=os.path.join(checkpoints, "step_000003")))
     assert resumed["losses"] == full["losses"][3:]  # bit for bit: model, optimizer, data position, RNG
     assert resumed["run_dir"] == full["run_dir"]  # the run goes on in its own folder

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, load_script, logged_steps, script_number, scripts_from, tiny_args
+from conftest import REPO, load_script, logged_steps, script_number, scripts_from, tiny_args, tiny_extras
 
 
 def torchrun(script, args, nproc=2):
@@ -23,6 +23,7 @@ def test_two_ranks_match_one_process(script, shakespeare, tmp_path):
     # 2 ranks x 2 micro-steps x 2 sequences == 1 process x 4 micro-steps x 2 sequences: the same 512 tokens per
     # step. The learning rate is high so any error in accumulation, averaging or sync shows in later losses.
     args = dict(batch_size=2, total_batch_size=256, max_steps=4, learning_rate=1e-2, warmup_steps=0)
+    args.update(tiny_extras(script))  # the newest step: backout and the smear gate on
     has_validation = script_number(script) >= 4
     if has_validation:
         args.update(val_every=2, val_tokens=512)
