@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: profile_step's loader of a lineage script
-from profile_step import load_script  # noqa: E402
+from profile_step import load_script, ms_per_call  # noqa: E402
 
 
 def parse_args(argv):
@@ -120,19 +120,7 @@ def main(argv=None):
             compile_s = time.time() - t0
             for _ in range(2):
                 step()
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(args.iters):
-                    step()
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / args.iters
-            else:
-                t1 = time.perf_counter()
-                for _ in range(args.iters):
-                    step()
-                ms = (time.perf_counter() - t1) * 1000 / args.iters
+            ms = ms_per_call(step, args.iters, device)
             reference = first.setdefault(width, out.detach())
             error = (out.detach().float() - reference.float()).abs().max().item()
             what = "forward+backward" if q.requires_grad else "forward"

@@ -16,10 +16,13 @@ how many kernels the compiled function launched, and the largest relative error 
 """
 
 import argparse
+import os
 import sys
-import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: profile_step's timer
+from profile_step import ms_per_call  # noqa: E402
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
@@ -86,19 +89,7 @@ def main(argv=None):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
             kernels = sum(1 for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA)
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(args.iters):
-                    fn(h, scale)
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / args.iters
-            else:
-                t0 = time.perf_counter()
-                for _ in range(args.iters):
-                    fn(h, scale)
-                ms = (time.perf_counter() - t0) * 1000 / args.iters
+            ms = ms_per_call(lambda: fn(h, scale), args.iters, device)
             lines.append(f"{args.rows}x{cols} {variant}: {ms:.3f} ms, {kernels} GPU kernels, "
                          f"max relative error {error:.2e}")
             print(lines[-1], flush=True)

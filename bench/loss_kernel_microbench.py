@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: profile_step's loader of a lineage script
-from profile_step import load_script  # noqa: E402
+from profile_step import load_script, ms_per_call  # noqa: E402
 
 try:
     import triton
@@ -131,13 +131,7 @@ def main(argv=None):
         if device.type == "cuda":
             for _ in range(2):
                 call()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(args.iters):
-                call()
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end) / args.iters
+            ms = ms_per_call(call, args.iters, device)
         moved = logits.numel() * (2 * logits.element_size() + 1)  # two reads of the logits, one float8 write
         timing = f"{ms:.3f} ms, {moved / ms / 1e9:.2f} TB/s" if ms else "untimed (cpu)"
         lines.append(f"{rows}x{args.vocab_size} {variant}: {timing}, max |loss - reference| {loss_error:.2e}, "

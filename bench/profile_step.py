@@ -66,6 +66,23 @@ def load_script(path):
     return module
 
 
+def ms_per_call(fn, iters, device):
+    """Milliseconds per call of fn() over `iters` calls, after the caller's untimed ones: CUDA events on a GPU (what
+    the GPU spent, queued calls included), the wall clock elsewhere. The microbenchmarks' one timer."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) * 1000 / iters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def report(events, script_args, skip, steps, step_ms):
     """The text of profile.txt: per-group kernel time, the user ranges of the optimizers, the table."""
     kernels = kernel_events(events)

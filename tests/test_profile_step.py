@@ -3,9 +3,11 @@ for (its steps, the wall time per step, the ops' table), refuses a run too short
 script's overrides before anything is written."""
 import importlib.util
 import os
+import time
 import types
 
 import pytest
+import torch
 
 from conftest import REPO, SCRIPTS, tiny_args
 
@@ -64,3 +66,9 @@ def test_gpu_side_annotations_are_not_counted_as_kernels():
     events = [kernel, event("ProfilerStep*", "CUDA", True, 1000), event("Optimizer.step#Muon.step", "CUDA", True, 50),
               event("aten::mm", "CPU", False, 900), event("triton_poi_fused_add_0", "CUDA", False, 0)]
     assert profile_step.kernel_events(events) == [kernel]
+
+
+def test_ms_per_call_calls_the_function_iters_times_and_times_them():
+    calls = []
+    ms = profile_step.ms_per_call(lambda: calls.append(time.sleep(0.002)), 5, torch.device("cpu"))
+    assert len(calls) == 5 and 2.0 <= ms < 200.0
