@@ -40,7 +40,9 @@ def head_and_loss(module, variant, softcap, softcap_form="tanh"):
         def fused(x, w, targets):
             if tile is not None:  # the kernel's tile, read at each launch (a new tile compiles a new kernel)
                 module.FUSED_LOSS_TILE = tile
-            return module.FP8HeadLoss.apply(x, w, targets, softcap, -1)
+            # step 63 on: the kernel's fast math, as the script's default has it
+            fast = (module.Config().fused_loss_fast_math,) if hasattr(module.Config, "fused_loss_fast_math") else ()
+            return module.FP8HeadLoss.apply(x, w, targets, softcap, -1, *fast)
         return fused
     if variant == "bf16":
         product = None

@@ -3,10 +3,12 @@
 chunk of bf16 logits), against variants of it: what the step's 21 ms a step of loss kernels could shed.
 
     python bench/loss_kernel_microbench.py --script 61-add-backout.py step tanh
+    python bench/loss_kernel_microbench.py --script 63-add-fast-loss-kernel-math.py step fast
     python bench/loss_kernel_microbench.py --script 61-add-backout.py --device cpu step   # a check, not a timing
 
-A variant is `step` (the script's own kernel, softcapped_cross_entropy_kernel) or `tanh`: the same two passes with
-the cap as c * tanh(z / c) by the GPU's one-instruction tanh (tanh.approx.f32) where the step's kernel takes a sigmoid
+A variant is `step` (the script's own kernel, softcapped_cross_entropy_kernel, its exact math), `fast` (the same with
+step 63's --fused_loss_fast_math) or `tanh` (this tool's kernel, for any step from 50): the same two passes with the
+cap as c * tanh(z / c) by the GPU's one-instruction tanh (tanh.approx.f32) where the step's kernel takes a sigmoid
 (an exponential and a division), and every exponential as exp2 of a prescaled argument. Each variant runs on the same
 --rows x --vocab_size bf16 logits (the step's chunk: FUSED_LOSS_ROWS rows), 3 times untimed, then --iters times under
 CUDA events. It prints one line per variant: milliseconds per chunk, the bytes moved per second (two reads of the
@@ -16,6 +18,7 @@ the shapes, not of a kernel.
 """
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -30,7 +33,7 @@ try:
 except ImportError:
     triton = None
 
-VARIANTS = ("step", "tanh")
+VARIANTS = ("step", "fast", "tanh")
 
 if triton is not None:
     @triton.jit
@@ -81,6 +84,17 @@ if triton is not None:
             tl.store(grad_ptr + row_start + cols[None, :], grad.to(tl.float8e5, fp_downcast_rounding="rtne"), mask=ok)
 
 
+def launch_tanh(module, logits, targets, softcap):
+    """(losses, float8 gradient) by this tool's tanh_kernel, launched as the script launches its own."""
+    N, V = logits.shape
+    losses = torch.empty(N, dtype=torch.float32, device=logits.device)
+    grad8 = torch.empty(N, V, dtype=torch.float8_e5m2, device=logits.device)
+    block_m, block_v, warps = module.FUSED_LOSS_TILE
+    tanh_kernel[(triton.cdiv(N, block_m),)](logits, targets, losses, grad8, N, float(softcap) or 1.0, -1, V=V,
+                                            HAS_CAP=softcap > 0, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps)
+    return losses, grad8
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,25 +119,23 @@ def main(argv=None):
     module = load_script(args.script)
     if not hasattr(module, "softcapped_cross_entropy_impl"):
         raise SystemExit(f"{args.script} has no fused head loss kernel (step 50 on)")
+    if "fast" in args.variants and "fast" not in inspect.signature(module.softcapped_cross_entropy_impl).parameters:
+        raise SystemExit(f"variant 'fast': {args.script} has no --fused_loss_fast_math (step 63 on)")
     device = torch.device(args.device)
     rows = args.rows or module.FUSED_LOSS_ROWS
     generator = torch.Generator().manual_seed(0)
     logits = (4 * torch.randn(rows, args.vocab_size, generator=generator)).to(device, torch.bfloat16)
     targets = torch.randint(0, args.vocab_size, (rows,), generator=generator).to(device)
     reference = module.softcapped_cross_entropy_reference(logits, targets, args.softcap, -1)
-    kernels = {"step": getattr(module, "softcapped_cross_entropy_kernel", None),
-               "tanh": tanh_kernel if triton is not None else None}
     lines = []
     for variant in args.variants:
         def call():
             if device.type != "cuda":
                 return module.softcapped_cross_entropy_impl(logits, targets, args.softcap, -1)
-            saved = module.softcapped_cross_entropy_kernel
-            module.softcapped_cross_entropy_kernel = kernels[variant]  # read by the launcher at each call
-            try:
-                return module.softcapped_cross_entropy_triton(logits, targets, args.softcap, -1)
-            finally:
-                module.softcapped_cross_entropy_kernel = saved
+            if variant == "tanh":
+                return launch_tanh(module, logits, targets, args.softcap)
+            fast = (True,) if variant == "fast" else ()
+            return module.softcapped_cross_entropy_triton(logits, targets, args.softcap, -1, *fast)
         losses, grad8 = call()
         loss_error = (losses - reference[0]).abs().max().item()
         grad_error = (grad8.float() - reference[1].float()).abs().max().item() / module.E5M2_MAX

@@ -30,3 +30,9 @@ def test_triton_variants_are_refused_off_cuda_and_old_scripts_before_any_work(ca
     older = os.path.join(REPO, SCRIPTS[SCRIPTS.index(step_adding("fused_head_loss")) - 1])
     with pytest.raises(SystemExit, match="has no fused head loss kernel"):
         loss_kernel_microbench.main(SMALL[2:] + ["--script", older, "step"])
+
+
+def test_the_fast_variant_needs_step_63_and_is_refused_before_any_work():
+    older = os.path.join(REPO, SCRIPTS[SCRIPTS.index(step_adding("fused_loss_fast_math")) - 1])
+    with pytest.raises(SystemExit, match="variant 'fast': .* has no --fused_loss_fast_math"):
+        loss_kernel_microbench.main(["--script", older, "--rows=64", "--vocab_size=256", "step", "fast"])
