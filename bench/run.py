@@ -140,6 +140,15 @@ def resolved_config(path, overrides):
     return config
 
 
+def checked_config(script, overrides):
+    """resolved_config(script, overrides), after refusing the overrides that the runner sets itself."""
+    for reserved in ("max_steps", "out_dir", "run_name"):
+        if override_value(overrides, reserved) is not None:
+            raise SystemExit(f"--{reserved} is set by the runner; drop it from the overrides "
+                             "(use --budget-tokens or --steps for the length of the run)")
+    return resolved_config(script, overrides)
+
+
 def corpus_info(corpus):
     """The corpus's info.json (make_corpus.py writes it last, so its presence means a complete corpus)."""
     path = os.path.join(corpus, "info.json")
@@ -482,11 +491,7 @@ def benchmark(args, overrides):
     started = time.time()
     script = resolve_script(args.script)
     step_number = script_number(script)
-    for reserved in ("max_steps", "out_dir", "run_name"):
-        if override_value(overrides, reserved) is not None:
-            raise SystemExit(f"--{reserved} is set by the runner; drop it from the overrides "
-                             "(use --budget-tokens or --steps for the length of the run)")
-    config = resolved_config(script, overrides)
+    config = checked_config(script, overrides)
     total_batch_size = config["total_batch_size"]
     budget = BENCH100M_TOKENS if args.bench100m else args.steps * total_batch_size if args.steps else \
         args.budget_tokens

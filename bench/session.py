@@ -14,7 +14,9 @@ With --bench100m every run follows the project's benchmark (bench/run.py --bench
 
 The corpus is built by the project's own corpus script, ../shared/bench/make_corpus.py (--corpus-script: on the
 GPU machine it is carried in, e.g. as .gpu/bench/make_corpus.py), unless --corpus already holds its info.json.
-The runs go one after the other; a failed run is recorded and the next one starts. On a host of several GPUs,
+Before anything else every run's script is found and its overrides checked by the script itself (on the CPU: a bad
+plan stops the session before the corpus or a GPU is touched, naming each bad run). The runs go one after the other;
+a run that fails while running is recorded and the next one starts. On a host of several GPUs,
 gpu=I gives a run GPU I alone (CUDA_VISIBLE_DEVICES=I): the runs of one GPU go in turn, in plan order, and the GPUs
 work side by side, so a lease of four GPUs measures four runs at a time. Then every run names its GPU, and its
 results line says which: tokens/s compare exactly only between runs of one GPU (the host's CPUs, power and clocks
@@ -293,6 +295,22 @@ def parse_args(argv):
     return args, runs
 
 
+def preflight(args, runs):
+    """Every run's script exists and accepts its overrides (the script's own parse_config, then the runner's and
+    the protocol's rules), checked on the CPU before the corpus is built or any GPU works: a plan's typo found
+    mid-lease costs a GPU's slot. A bad plan stops the session here, naming every bad run."""
+    problems = []
+    for run in runs:
+        try:
+            script = bench_run.resolve_script(run["script"])
+            config = bench_run.checked_config(script, run["overrides"])
+            bench_run.protocol_overrides(args, run["overrides"], config, 1)
+        except SystemExit as error:
+            problems.append(f"run {run['name']}: {error}")
+    if problems:
+        raise SystemExit("session: nothing run, nothing written; fix the plan:\n  " + "\n  ".join(problems))
+
+
 def run_one(args, run, index, total, corpus_info, t0):
     """One run of the plan: its banner, the runner, and its summary (a failed or skipped run's too), with the part
     of logs.txt it adds (written by the caller, so that runs of several GPUs do not interleave there)."""
@@ -332,6 +350,7 @@ def main(argv=None):
     t0 = time.time()
     argv = sys.argv[1:] if argv is None else argv
     args, runs = parse_args(argv)
+    preflight(args, runs)
     session_command = shlex.join(["python", "bench/session.py", *argv])
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)

@@ -3,6 +3,7 @@ CPU only, offline, on a corpus that the project's own ../shared/bench/make_corpu
 files written here, and a 2-layer model; the runner and the session run the real lineage scripts (03, which reads
 the corpus's .npy shards; 01, which reads a text file decoded from them)."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -13,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, SCRIPTS, SHARED, script_number
+from conftest import REPO, SCRIPTS, SHARED, load_script, script_number
 
 BENCH = os.path.join(REPO, "bench")
 CORPUS_SCRIPT = os.path.join(SHARED, "bench", "make_corpus.py")
@@ -324,6 +325,22 @@ if __name__ == "__main__":
 '''
 
 
+FAILING_STUB = '''import dataclasses, sys
+@dataclasses.dataclass
+class Config:
+    total_batch_size: int = 128
+if __name__ == "__main__":
+    raise SystemExit("stub: fails while running")
+'''
+
+
+def write_failing_stub(folder):
+    """A script whose config passes a session's preflight and whose run fails."""
+    script = folder / "98-fails.py"
+    script.write_text(FAILING_STUB)
+    return script
+
+
 def write_stub(folder, total_batch_size=100, sleep=0.0):
     script = folder / "99-stub.py"
     script.write_text(STUB.replace("TOTAL_BATCH_SIZE", str(total_batch_size)).replace("SLEEP", str(sleep)))
@@ -432,7 +449,7 @@ def test_session_end_to_end(tree, tmp_path):
         "name": "a", "steps": 50, "nproc": 2, "torchrun": False, "script": "17-x.py", "overrides": ["--compile=1"]}
     out, corpus_dir, results = tmp_path / "out", tmp_path / "corpus", tmp_path / "results.jsonl"
     script_name = os.path.splitext(LINEAGE)[0]
-    plan = json.dumps([{"script": "no-such-script.py", "name": "broken"},
+    plan = json.dumps([{"script": str(write_failing_stub(tmp_path)), "name": "broken"},
                        {"script": LINEAGE, "overrides": TINY, "budget_tokens": "384"}])
     command = [sys.executable, os.path.join(BENCH, "session.py"), "--corpus", str(corpus_dir), "--corpus-args",
                f"--root {tree} --val-tokens 600", "--out", str(out), "--work", str(tmp_path / "work"), "--results",
@@ -445,7 +462,7 @@ def test_session_end_to_end(tree, tmp_path):
                                        "summaries.json"]
     summaries = json.loads((out / "summaries.json").read_text())
     assert [s["name"] for s in summaries] == ["broken", script_name]
-    assert summaries[0]["status"].startswith("failed") and "no-such-script.py" in summaries[0]["error_tail"]
+    assert summaries[0]["status"].startswith("failed") and "fails while running" in summaries[0]["error_tail"]
     good = summaries[1]
     assert good["status"] == "ok" and good["torchrun"] and good["tokens_trained"] == 384
     lines = read_jsonl(out / "results.jsonl")
@@ -482,7 +499,7 @@ def test_session_runs_the_corpus_script_it_is_given(tmp_path):
     if not os.path.isdir(cache):
         pytest.skip("needs ../shared/tiktoken_cache beside the checkout")
     base = [sys.executable, os.path.join(BENCH, "session.py"), "--out", str(tmp_path / "out"), "--work",
-            str(tmp_path / "work"), "--results", "", "--run", "no-such-script.py"]
+            str(tmp_path / "work"), "--results", "", "--run", str(write_failing_stub(tmp_path))]
     done = subprocess.run(base + ["--corpus", str(tmp_path / "c1"), "--corpus-script", str(tmp_path / "nowhere.py")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "no corpus script at" in done.stderr and "--corpus-script" in done.stderr
@@ -492,7 +509,30 @@ def test_session_runs_the_corpus_script_it_is_given(tmp_path):
     logs = (tmp_path / "out" / "logs.txt").read_text()
     assert f"stub corpus script: --out {tmp_path / 'c2'} --root /somewhere --val-tokens 600 " \
            f"TIKTOKEN_CACHE_DIR={os.path.abspath(cache)}" in logs
-    assert done.returncode == 1 and "failed (runner rc=" in (tmp_path / "out" / "results.md").read_text()
+    assert done.returncode == 1 and "| failed (rc=1) |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_session_refuses_a_bad_plan_before_the_corpus_or_any_run(tmp_path):
+    """A missing script, overrides a lineage script rejects (the 2026-11-27 lease lost a GPU's slot to one: 11 blocks
+    leave block 9 a value embedding) and an override the runner sets: all named at once, and nothing built or
+    written, before the corpus script or any GPU runs."""
+    stub_corpus = tmp_path / "make_corpus.py"
+    stub_corpus.write_text(CORPUS_STUB)
+    newest = load_script(SCRIPTS[-1])
+    assert "n_layer" in {f.name for f in dataclasses.fields(newest.Config)}
+    plan = ["name=missing no-such-script.py", f"name=refused {SCRIPTS[-1]} --n_layer=11 --attention_free_layers=3,7,9",
+            f"name=reserved {SCRIPTS[-1]} --max_steps=5", f"name=fine {SCRIPTS[-1]}"]
+    command = [sys.executable, os.path.join(BENCH, "session.py"), "--bench100m", "--corpus", str(tmp_path / "corpus"),
+               "--corpus-script", str(stub_corpus), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+               "--results", str(tmp_path / "results.jsonl")]
+    done = subprocess.run(command + [arg for run in plan for arg in ("--run", run)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "session: nothing run, nothing written; fix the plan" in done.stderr
+    assert "run missing: --script no-such-script.py: no such file" in done.stderr
+    assert "run refused: " in done.stderr and "--attention_free_layers='3,7,9'" in done.stderr
+    assert "run reserved: --max_steps is set by the runner" in done.stderr and "run fine" not in done.stderr
+    assert not any(os.path.exists(tmp_path / name) for name in ("corpus", "out", "work", "results.jsonl"))
 
 
 def test_train_documents_go_on_across_shards(tmp_path):
