@@ -1,4 +1,4 @@
-"""--muon_compile (step 65, off until measured): with --compile, Muon's step runs as two compiled graphs (momentum and
+"""--muon_compile (step 65, on by default: RESULTS 2026-11-27 (p)): with --compile, Muon's step runs as two compiled graphs (momentum and
 Newton-Schulz; NorMuon and the update) with the gather of other ranks' updates between them. Off, the step is its
 parent (step 64). On, it moves the matrices and the state as the eager step does, while the rate and momentum change
 from step to step with no new graph; two ranks get one process's matrices; a run compiles it only with --compile;
@@ -48,9 +48,9 @@ def muon_run(compiled, *options, steps=4):
     return [p.detach().clone() for p in muon.param_groups[0]["params"]], muon
 
 
-def test_off_by_default_and_off_is_the_parent():
-    assert lever.Config().muon_compile is False and not hasattr(parent_step.Config, "muon_compile")
-    model, cfg = build(lever)
+def test_on_by_default_and_off_is_the_parent():
+    assert lever.Config().muon_compile is True and not hasattr(parent_step.Config, "muon_compile")
+    model, cfg = build(lever, muon_compile=False)
     parent, parent_cfg = build(parent_step)
     assert train(model, cfg, lever, 3) == train(parent, parent_cfg, parent_step, 3)
 
