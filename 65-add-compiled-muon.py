@@ -1130,7 +1130,8 @@ class Muon(torch.optim.Optimizer):
         """--muon_compile: step()'s arithmetic in two compiled graphs, the gather of the other ranks' updates
         between them: momentum and Newton-Schulz (muon_orthogonalize), then NorMuon and the update (muon_apply).
         Eager, the step launches ~300 small kernels; compiled, inductor fuses the elementwise work around the
-        products. The rate, momentum and decay go in as one device tensor, so the schedules change no graph."""
+        products. The rate, momentum and decay go in as one device tensor, so the schedules change no graph; on
+        CUDA it is copied from pinned memory, as a copy from pageable memory first waits for the GPU's queue."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -1143,8 +1144,8 @@ class Muon(torch.optim.Optimizer):
                 self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 if self.normuon_beta2 is not None:
                     self.state[p].setdefault("row_second_moment", torch.zeros(p.size(0), 1, device=p.device))
-            hyper = torch.tensor([group["lr"], group["momentum"], group["weight_decay"]], dtype=torch.float32)
-            hyper = hyper.to(params[0].device, non_blocking=True)
+            hyper = torch.tensor([group["lr"], group["momentum"], group["weight_decay"]], dtype=torch.float32,
+                                 pin_memory=params[0].is_cuda).to(params[0].device, non_blocking=True)
             rows = [tuple(getattr(p, "fused_rows", [p.size(0)])) for p in params]
             mine = [owner[p] == rank for p in params]
             orthogonal = orthogonalize_graph([p.grad for p in params],

@@ -115,3 +115,23 @@ def test_two_ranks_compiled_equal_one_eager_process(tmp_path):
     for rank in range(2):
         for a, b in zip(torch.load(tmp_path / f"{rank}.pt"), single):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the copy's pinned memory and the sync check")
+def test_on_cuda_a_compiled_step_never_waits_for_the_gpu(backend):
+    """The rate, momentum and decay reach the device from pinned memory: a copy from pageable memory would first
+    wait for everything queued (torch.cuda's sync debug mode raises on such a wait)."""
+    backend("inductor")
+    cfg = lever.parse_config(OPTIONS + ["--muon_compile=true"])
+    torch.manual_seed(0)
+    model = lever.GPT(cfg).cuda()
+    muon = lever.configure_optimizer(model, cfg, "cuda").optimizers[1]
+    for p in muon.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    muon.step()  # compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        muon.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
