@@ -13,21 +13,15 @@ phase's start); the largest is the run's peak, which bench/run.py reports. memor
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: profile_step's loader of a lineage script
+from profile_step import load_script  # noqa: E402
+
 MIB = 2 ** 20
-
-
-def load_script(path):
-    spec = importlib.util.spec_from_file_location("measured_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["measured_script"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 class Phases:
@@ -54,7 +48,7 @@ class Phases:
 
 def measure(module, overrides, phases):
     """Run module.main(overrides) with phases closed at each optimizer step and around each validation."""
-    optimizer_class = module.Muon if "--optimizer=adamw" not in overrides else torch.optim.AdamW
+    optimizer_class = module.Muon if module.parse_config(overrides).optimizer == "muon" else torch.optim.AdamW
     original_step, original_evaluate = optimizer_class.step, module.evaluate
     counts = {"step": 0, "validation": 0}
 
