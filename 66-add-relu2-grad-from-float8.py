@@ -2634,7 +2634,8 @@ def check_device(cfg, device):
     """What the config asks of the card, checked before any GPU work: float8 products need compute capability 8.9
     (Ada, Hopper and newer); the CPU has them in software, Apple's MPS not at all."""
     fp8_off = "--fp8_head=false --fused_head_loss=false" if cfg.fused_head_loss else "--fp8_head=false"
-    switches = ((cfg.fp8_head, "--fp8_head", fp8_off), (cfg.fp8_mlp != "off", "--fp8_mlp", "--fp8_mlp=off"),
+    mlp_off = "--fp8_mlp=off --relu2_from_float8=false" if cfg.relu2_from_float8 else "--fp8_mlp=off"
+    switches = ((cfg.fp8_head, "--fp8_head", fp8_off), (cfg.fp8_mlp != "off", "--fp8_mlp", mlp_off),
                 (cfg.fp8_attention != "off", "--fp8_attention", "--fp8_attention=off"))
     wanted = [(name, off) for on, name, off in switches if on]  # all in one message: one rerun fixes them all
     if not wanted:

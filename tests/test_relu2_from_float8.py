@@ -117,3 +117,15 @@ def test_it_needs_the_float8_mlp_and_relu2():
     with pytest.raises(SystemExit, match="not full and gelu"):
         lever.parse_config(["--relu2_from_float8=true", "--activation=gelu"])
     assert lever.parse_config(["--preset=demo"]).relu2_from_float8 is False
+
+
+def test_a_card_without_float8_gets_the_whole_fix_in_one_message(monkeypatch):
+    monkeypatch.setattr(lever.torch.cuda, "get_device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(lever.torch.cuda, "get_device_capability", lambda device: (8, 0))
+    cfg = lever.parse_config(["--relu2_from_float8=true", "--fp8_head=false", "--fused_head_loss=false",
+                              "--fp8_attention=off"])
+    with pytest.raises(SystemExit, match=r"--fp8_mlp needs float8 matmuls .*: set --fp8_mlp=off "
+                                         r"--relu2_from_float8=false$"):
+        lever.check_device(cfg, torch.device("cuda", 0))
+    fixed = lever.parse_config(["--fp8_head=false", "--fused_head_loss=false", "--fp8_attention=off", "--fp8_mlp=off"])
+    lever.check_device(fixed, torch.device("cuda", 0))
