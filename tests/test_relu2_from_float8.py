@@ -5,7 +5,7 @@ what it claims, eager and compiled, evaluation keeps the exact products, and off
 import pytest
 import torch
 
-from lever_helpers import REAL_COMPILE, batch, build, lever_and_parent, train
+from lever_helpers import REAL_COMPILE, assert_float8_evaluates_exactly, batch, build, lever_and_parent, train
 
 lever, parent_step = lever_and_parent("relu2_from_float8")
 # zero-initialized output projections would make every MLP's first output 0, and its backward trivial
@@ -98,15 +98,8 @@ def test_eager_keeps_no_bf16_tensor_as_wide_as_the_mlp():
 
 
 def test_evaluation_keeps_the_exact_products():
-    model, cfg = build(lever, relu2_from_float8=True, **MLP_ON)
-    train(model, cfg, lever, 2)
-    exact, _ = build(lever, fp8_mlp="off", zero_init_projections=False)
-    exact.load_state_dict(model.state_dict())
-    model.eval()
-    exact.eval()
-    x, y = batch()
-    with torch.no_grad():
-        assert torch.equal(model(x, y), exact(x, y))
+    """Trained with it (and the float8 MLP), the model evaluates as the same weights through exact products."""
+    assert_float8_evaluates_exactly(lever, "fp8_mlp", zero_init_projections=False, relu2_from_float8=True)
 
 
 def test_it_needs_the_float8_mlp_and_relu2():
