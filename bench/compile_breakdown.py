@@ -7,8 +7,13 @@ its validation, then torch.compile's own table of where its time went (dynamo, i
         --data=/tmp/pycorpus/npy --max_steps=1 --val_every=0 --val_tokens=1048576
 
 The first step holds the training graphs' compile (forward and backward), the validation the eval graph's. Give the
-script a short run (--max_steps=1, --val_every=0): only the warm-up is measured. `compile.txt` in --out holds it all.
+script a short run (--max_steps=1, --val_every=0): only the warm-up is measured. Then each compile of the run on a
+line of its own (a forward, or the backward AOTAutograd compiles at the first backward): its seconds in all, in
+dynamo, AOTAutograd and inductor, its graph's size, the seconds Triton took for its kernels and the slowest of them;
+and how many workers compiled Triton kernels. `compile.txt` in --out holds it all.
 """
+
+import json
 
 import argparse
 import importlib.util
@@ -30,6 +35,44 @@ def load_script(path):
 def synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def seconds(us):
+    return "" if us is None else f"{us / 1e6:.1f}"
+
+
+def compile_table(metrics, slowest=3):
+    """One line per torch.compile record (torch._dynamo.utils.get_compilation_metrics()): what was compiled, its
+    seconds in all and in each stage, its graph's nodes, Triton's seconds for its kernels, and its slowest kernels
+    (name: seconds). Fields a torch version lacks are left blank."""
+    lines = [f"{'compile':<34} {'s':>6} {'dynamo':>7} {'aot':>6} {'inductor':>8} {'triton':>7} {'nodes':>6}  slowest kernels"]
+    for m in metrics:
+        name = f"{getattr(m, 'compile_id', '') or ''} {getattr(m, 'co_name', '') or ''}".strip()
+        if getattr(m, "is_forward", None) is False:
+            name += " (backward)"
+        duration = getattr(m, "duration_us", None)
+        if duration is None and getattr(m, "entire_frame_compile_time_s", None) is not None:
+            duration = m.entire_frame_compile_time_s * 1e6
+        kernels = getattr(m, "triton_kernel_compile_times_us", None) or "[]"
+        try:
+            kernels = json.loads(kernels) if isinstance(kernels, str) else list(kernels)
+        except ValueError:
+            kernels = []
+        kernels = sorted(((str(k[0]), float(k[1])) for k in kernels if len(k) == 2), key=lambda k: -k[1])[:slowest]
+        slow = ", ".join(f"{kernel}: {us / 1e6:.1f}" for kernel, us in kernels)
+        lines.append(f"{name[:34]:<34} {seconds(duration):>6} "
+                     f"{seconds(getattr(m, 'dynamo_cumulative_compile_time_us', None)):>7} "
+                     f"{seconds(getattr(m, 'aot_autograd_cumulative_compile_time_us', None)):>6} "
+                     f"{seconds(getattr(m, 'inductor_cumulative_compile_time_us', None)):>8} "
+                     f"{seconds(getattr(m, 'triton_compile_time_us', None)):>7} "
+                     f"{getattr(m, 'graph_node_count', None) or '':>6}  {slow}")
+    return "\n".join(lines)
+
+
+def compile_threads():
+    """How many workers compile Triton kernels (inductor's compile_threads; 1: in the main process, one at a time)."""
+    from torch._inductor import config
+    return config.compile_threads if config.compile_threads is not None else config.decide_compile_threads()
 
 
 def main(argv=None):
@@ -83,7 +126,9 @@ def main(argv=None):
     for what, seconds in marks:
         lines.append(f"  {what:<24} {seconds:8.1f}  (+{seconds - previous:.1f})")
         previous = seconds
-    lines += ["", torch._dynamo.utils.compile_times(repr="str", aggregate=True)]
+    lines += ["", torch._dynamo.utils.compile_times(repr="str", aggregate=True), "",
+              f"Triton compile workers: {compile_threads()}",
+              compile_table(torch._dynamo.utils.get_compilation_metrics())]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "compile.txt"), "w", encoding="utf-8") as f:
         f.write(text)

@@ -1,6 +1,6 @@
 """bench/compile_breakdown.py: a tiny CPU run of the newest script marks the end of each throwaway warm-up step, of
-the warm-up's validation and of the warm-up, in order and in time, then dynamo's table; bad input (an override, a
-run with the warm-up off) fails before anything is written."""
+the warm-up's validation and of the warm-up, in order and in time, then dynamo's table and a line per compile; bad
+input (an override, a run with the warm-up off) fails before anything is written."""
 import importlib.util
 import os
 
@@ -32,6 +32,7 @@ def test_marks_each_warm_up_step_and_its_validation(tmp_path):
     seconds = [float(row[-2]) for row in rows[:4]]
     assert 0 < seconds[0] <= seconds[1] <= seconds[2] <= seconds[3]
     assert "TorchDynamo compilation metrics" in text
+    assert "Triton compile workers: " in text and "slowest kernels" in text  # nothing compiled: the header alone
 
 
 def test_bad_input_fails_before_anything_is_written(tmp_path):
@@ -42,3 +43,20 @@ def test_bad_input_fails_before_anything_is_written(tmp_path):
     with pytest.raises(SystemExit, match="has no kernel warm-up"):
         compile_breakdown.main(["--out", str(tmp_path / "cb"), os.path.join(REPO, SCRIPTS[0])])
     assert not (tmp_path / "cb").exists()
+
+
+def test_compile_table_has_a_line_per_compile_with_its_slowest_kernels():
+    from types import SimpleNamespace
+    forward = SimpleNamespace(compile_id="0/0", co_name="forward", is_forward=True, duration_us=78.6e6,
+                              dynamo_cumulative_compile_time_us=9.6e6, inductor_cumulative_compile_time_us=70.2e6,
+                              triton_compile_time_us=36.0e6, graph_node_count=5123,
+                              triton_kernel_compile_times_us='[["triton_poi_a", 1000000], ["triton_tem_flex", 20500000],'
+                                                             ' ["triton_red_b", 3000000], ["triton_poi_c", 100]]')
+    backward = SimpleNamespace(compile_id="0/0", co_name="forward", is_forward=False, duration_us=None,
+                               entire_frame_compile_time_s=22.9, triton_kernel_compile_times_us="<unknown>")
+    header, first, second = compile_breakdown.compile_table([forward, backward]).splitlines()
+    assert header.split()[:2] == ["compile", "s"]
+    assert first.split()[:8] == ["0/0", "forward", "78.6", "9.6", "70.2", "36.0", "5123", "triton_tem_flex:"]
+    assert first.endswith("triton_tem_flex: 20.5, triton_red_b: 3.0, triton_poi_a: 1.0")  # the 3 slowest, slowest first
+    assert second.split() == ["0/0", "forward", "(backward)", "22.9"]  # missing fields blank, a bad kernel list too
+    assert compile_breakdown.compile_threads() >= 1
