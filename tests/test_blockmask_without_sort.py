@@ -1,6 +1,6 @@
 """--blockmask_without_sort (step 68, on): the block mask's tile lists (per query tile its key tiles, per key tile its
 query tiles) made by a running count and a scatter instead of argsort, whose compiled form was a Triton sort kernel
-that took up to 30 s to build. The lists are the argsort's, entry for entry, for every mask the model builds; the
+that took up to 38 s to build. The lists are the argsort's, entry for entry, for every mask the model builds; the
 compiled graph holds no sort; FlexAttention computes the same with either mask; off, the step is its parent."""
 import pytest
 import torch
