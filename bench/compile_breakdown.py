@@ -43,13 +43,17 @@ def seconds(us):
 
 def compile_table(metrics, slowest=3):
     """One line per torch.compile record (torch._dynamo.utils.get_compilation_metrics()): what was compiled, its
-    seconds in all and in each stage, its graph's nodes, Triton's seconds for its kernels, and its slowest kernels
-    (name: seconds). Fields a torch version lacks are left blank."""
+    seconds in all and in each stage, its graph's nodes, Triton's seconds for its kernels (for a graph's first run:
+    timing its kernels' launch configs), and its slowest kernels (name: seconds). Fields a torch version lacks are
+    left blank."""
     lines = [f"{'compile':<34} {'s':>6} {'dynamo':>7} {'aot':>6} {'inductor':>8} {'triton':>7} {'nodes':>6}  slowest kernels"]
     for m in metrics:
         name = f"{getattr(m, 'compile_id', '') or ''} {getattr(m, 'co_name', '') or ''}".strip()
-        if getattr(m, "is_forward", None) is False:
-            name += " (backward)"
+        runtime = getattr(m, "is_runtime", None) is True  # work at a graph's first run: timing kernels' configs
+        kinds = ["backward"] * (getattr(m, "is_forward", None) is False) + ["at first run"] * runtime
+        if kinds:
+            name += f" ({', '.join(kinds)})"
+        triton = getattr(m, "runtime_triton_autotune_time_us" if runtime else "triton_compile_time_us", None)
         duration = getattr(m, "duration_us", None)
         if duration is None and getattr(m, "entire_frame_compile_time_s", None) is not None:
             duration = m.entire_frame_compile_time_s * 1e6
@@ -64,7 +68,7 @@ def compile_table(metrics, slowest=3):
                      f"{seconds(getattr(m, 'dynamo_cumulative_compile_time_us', None)):>7} "
                      f"{seconds(getattr(m, 'aot_autograd_cumulative_compile_time_us', None)):>6} "
                      f"{seconds(getattr(m, 'inductor_cumulative_compile_time_us', None)):>8} "
-                     f"{seconds(getattr(m, 'triton_compile_time_us', None)):>7} "
+                     f"{seconds(triton):>7} "
                      f"{getattr(m, 'graph_node_count', None) or '':>6}  {slow}")
     return "\n".join(lines)
 
