@@ -38,7 +38,8 @@ SPEED_SWITCHES_OFF = {"async_batches": False, "value_embeddings": 0, "x0_mixing"
                       "fused_head_loss": False, "long_window_layers": "", "attention_free_layers": "",
                       "unet_skips": False, "attention_gate": 0, "fp8_mlp": "off", "normuon": False,
                       "fp8_attention": "off", "muon_ns_coefficients": "jordan",
-                      "smear_gate": 0, "backout_layer": -1, "relu2_from_float8": False}
+                      "smear_gate": 0, "backout_layer": -1, "relu2_from_float8": False,
+                      "blockmask_without_sort": False}
 
 
 def step_adding(field):
