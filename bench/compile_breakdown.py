@@ -9,14 +9,13 @@ its validation, then torch.compile's own table of where its time went (dynamo, i
 The first step holds the training graphs' compile (forward and backward), the validation the eval graph's. Give the
 script a short run (--max_steps=1, --val_every=0): only the warm-up is measured. Then each compile of the run on a
 line of its own (a forward, or the backward AOTAutograd compiles at the first backward): its seconds in all, in
-dynamo, AOTAutograd and inductor, its graph's size, the seconds Triton took for its kernels and the slowest of them;
-and how many workers compiled Triton kernels. `compile.txt` in --out holds it all.
+dynamo, AOTAutograd, inductor and inductor's code generation, its graph's size, the seconds Triton took for its
+kernels and the slowest of them; and how many workers compiled Triton kernels. `compile.txt` in --out holds it all.
 """
-
-import json
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -43,10 +42,12 @@ def seconds(us):
 
 def compile_table(metrics, slowest=3):
     """One line per torch.compile record (torch._dynamo.utils.get_compilation_metrics()): what was compiled, its
-    seconds in all and in each stage, its graph's nodes, Triton's seconds for its kernels (for a graph's first run:
+    seconds in all and in each stage (codegen: inductor's scheduling, code and wait for Triton, the rest of inductor
+    being its lowering and passes), its graph's nodes, Triton's seconds for its kernels (for a graph's first run:
     timing its kernels' launch configs), and its slowest kernels (name: seconds). Fields a torch version lacks are
     left blank."""
-    lines = [f"{'compile':<34} {'s':>6} {'dynamo':>7} {'aot':>6} {'inductor':>8} {'triton':>7} {'nodes':>6}  slowest kernels"]
+    lines = [f"{'compile':<34} {'s':>6} {'dynamo':>7} {'aot':>6} {'inductor':>8} {'codegen':>7} {'triton':>7} "
+             f"{'nodes':>6}  slowest kernels"]
     for m in metrics:
         name = f"{getattr(m, 'compile_id', '') or ''} {getattr(m, 'co_name', '') or ''}".strip()
         runtime = getattr(m, "is_runtime", None) is True  # work at a graph's first run: timing kernels' configs
@@ -68,6 +69,7 @@ def compile_table(metrics, slowest=3):
                      f"{seconds(getattr(m, 'dynamo_cumulative_compile_time_us', None)):>7} "
                      f"{seconds(getattr(m, 'aot_autograd_cumulative_compile_time_us', None)):>6} "
                      f"{seconds(getattr(m, 'inductor_cumulative_compile_time_us', None)):>8} "
+                     f"{seconds(getattr(m, 'inductor_code_gen_cumulative_compile_time_us', None)):>7} "
                      f"{seconds(triton):>7} "
                      f"{getattr(m, 'graph_node_count', None) or '':>6}  {slow}")
     return "\n".join(lines)

@@ -49,6 +49,7 @@ def test_compile_table_has_a_line_per_compile_with_its_slowest_kernels():
     from types import SimpleNamespace
     forward = SimpleNamespace(compile_id="0/0", co_name="forward", is_forward=True, duration_us=78.6e6,
                               dynamo_cumulative_compile_time_us=9.6e6, inductor_cumulative_compile_time_us=70.2e6,
+                              inductor_code_gen_cumulative_compile_time_us=55.5e6,
                               triton_compile_time_us=36.0e6, graph_node_count=5123,
                               triton_kernel_compile_times_us='[["triton_poi_a", 1000000], ["triton_tem_flex", 20500000],'
                                                              ' ["triton_red_b", 3000000], ["triton_poi_c", 100]]')
@@ -57,8 +58,8 @@ def test_compile_table_has_a_line_per_compile_with_its_slowest_kernels():
     first_run = SimpleNamespace(compile_id="0/0", co_name=None, is_forward=False, is_runtime=True, duration_us=3.1e6,
                                 runtime_triton_autotune_time_us=2.9e6, triton_compile_time_us=None)
     header, first, second, third = compile_breakdown.compile_table([forward, backward, first_run]).splitlines()
-    assert header.split()[:2] == ["compile", "s"]
-    assert first.split()[:8] == ["0/0", "forward", "78.6", "9.6", "70.2", "36.0", "5123", "triton_tem_flex:"]
+    assert header.split()[:8] == ["compile", "s", "dynamo", "aot", "inductor", "codegen", "triton", "nodes"]
+    assert first.split()[:9] == ["0/0", "forward", "78.6", "9.6", "70.2", "55.5", "36.0", "5123", "triton_tem_flex:"]
     assert first.endswith("triton_tem_flex: 20.5, triton_red_b: 3.0, triton_poi_a: 1.0")  # the 3 slowest, slowest first
     assert second.split() == ["0/0", "forward", "(backward)", "22.9"]  # missing fields blank, a bad kernel list too
     assert third.split() == ["0/0", "(backward,", "at", "first", "run)", "3.1", "2.9"]  # timing the configs
