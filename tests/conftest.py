@@ -39,7 +39,7 @@ SPEED_SWITCHES_OFF = {"async_batches": False, "value_embeddings": 0, "x0_mixing"
                       "unet_skips": False, "attention_gate": 0, "fp8_mlp": "off", "normuon": False,
                       "fp8_attention": "off", "muon_ns_coefficients": "jordan",
                       "smear_gate": 0, "backout_layer": -1, "relu2_from_float8": False,
-                      "blockmask_without_sort": False}
+                      "blockmask_without_sort": False, "compile_ahead": False}
 
 
 def step_adding(field):
@@ -117,7 +117,8 @@ def no_network(monkeypatch):
 # attention-free blocks (0, 4, 11 and 7) are not among 2, so every block attends alike.
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, total_batch_size=128, max_steps=5,
             warmup_steps=1, device="cpu", val_tokens=256, val_every=0, ckpt_every=0, sample_every=0,
-            value_embeddings=1, long_window_layers="", attention_free_layers="", backout_layer=-1)
+            value_embeddings=1, long_window_layers="", attention_free_layers="", backout_layer=-1,
+            compile_ahead=False)  # a compiled tiny run builds its graphs itself: helpers would take longer (step 69)
 
 
 def tiny_extras(script):
