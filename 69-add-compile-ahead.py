@@ -2895,10 +2895,11 @@ def main(argv=None):
         helpers = start_compile_helpers(cfg, rank, world_size, device) if cfg.compile and cfg.compile_ahead else []
         warm_up_kernels(model, raw_model, optimizer, train_loader, val_shards, cfg, rank, world_size, device, autocast,
                         val_model)
-        compiled_ahead = finish_compile_helpers(helpers) if helpers else []
+        compiled_ahead = gather(finish_compile_helpers(helpers), world_size) if helpers else []
         log(f"kernel_warmup_steps:{cfg.kernel_warmup_steps} warmup_time:{(time.perf_counter() - t0) * 1000:.0f}ms")
-        for line in compiled_ahead:
-            log(line)
+        for helper_rank, lines in enumerate(compiled_ahead):  # every rank's helpers: each rank compiles its own
+            for line in lines:
+                log(f"rank:{helper_rank} {line}" if world_size > 1 else line)
         if master and cfg.compile_cache:  # every kernel of the run is built now: the next run starts with them
             log(f"compile_cache:{cfg.compile_cache} saved {save_compile_cache(cfg.compile_cache)} bytes")
     log.start(cfg)  # every check has passed: make (or continue) the run folder

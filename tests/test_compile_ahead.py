@@ -6,7 +6,9 @@ forward and backward. The others check the wiring: when helpers start, what a fa
 Muon's matrices a rank's helper compiles, and that a run without compile or warm-up starts none."""
 import dataclasses
 import json
+import os
 import re
+import socket
 import time
 
 import pytest
@@ -155,3 +157,28 @@ def test_without_compile_or_warm_up_there_are_no_helpers(runner, monkeypatch, sh
     runner("raise SystemExit('started')")
     result, _ = traced_run(lever, monkeypatch, shakespeare, tmp_path, compile_ahead=True, **overrides)
     assert helper_rows(result["run_dir"]) == ({}, [])
+
+
+def ranks_worker(rank, world_size, port, data, out):
+    """One rank of a gloo run (dynamo's eager backend) whose helpers are stand-ins that report their rank."""
+    torch.set_num_threads(1)
+    torch.compile = lambda fn, **kwargs: REAL_COMPILE(fn, backend="eager")
+    lever.COMPILE_AHEAD_RUNNER = "import sys; print(f'seconds:{sys.argv[4]}.{sys.argv[5]}')"
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # main() joins the group itself, as under torchrun
+    lever.main(tiny_args(lever.__file__, data, out, run_name="ddp", compile=True, kernel_warmup_steps=1,
+                         compile_ahead=True, max_steps=2, attention="sdpa", blockmask_from_kv_blocks=False, window=0,
+                         window_ramp=False, batch_size=2, total_batch_size=128))
+    os._exit(0)  # as in test_compiled_muon.py: gloo's teardown at exit can abort a rank after its work is done
+
+
+def test_under_torchrun_every_rank_runs_helpers_and_rank_0_logs_them(shakespeare, tmp_path):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.start_processes(ranks_worker, args=(2, port, shakespeare, str(tmp_path)), nprocs=2,
+                                          start_method="spawn")
+    with open(tmp_path / "ddp" / "log.txt", encoding="utf-8") as f:
+        lines = [line.split(" fx_graph_cache_hits:")[0] for line in f if "compile_ahead_" in line]
+    assert lines == [f"rank:{rank} compile_ahead_muon_exit:0 compile_ahead_muon_s:{rank}.2 "
+                     f"compile_ahead_validation_exit:0 compile_ahead_validation_s:{rank}.2" for rank in (0, 1)]
