@@ -2187,7 +2187,12 @@ os._exit(0)  # everything is in the cache now: skip the slow teardown of the com
 
 def compile_ahead_jobs(cfg):
     """What --compile_ahead's helpers compile: Muon's two graphs (when compiled) and validation's graphs. The model's
-    training graph stays in the main process, which compiles it meanwhile: it is the run's longest compile."""
+    training graph stays in the main process, which compiles it meanwhile: it is the run's longest compile. None where
+    inductor's graph cache is off (TORCHINDUCTOR_FX_GRAPH_CACHE=0 or TORCHINDUCTOR_FORCE_DISABLE_CACHES=1): the main
+    process could not find what they build."""
+    import torch._inductor.config as inductor_config  # here, not at import: only a compiled run needs inductor
+    if not inductor_config.fx_graph_cache or inductor_config.force_disable_caches:
+        return []
     return (["muon"] if cfg.optimizer == "muon" and cfg.muon_compile else []) + ["validation"]
 
 
@@ -2214,6 +2219,8 @@ def finish_compile_helpers(helpers, timeout=600.0):
     """Wait for --compile_ahead's helpers (none may still compute once the clock starts). Returns the log's lines:
     each job's exit code and seconds, inductor's cache hits and misses in this process so far, and for a helper that
     failed, the last line it wrote (the error that stopped it). A helper still running after `timeout` s is killed."""
+    if not helpers:
+        return ["compile_ahead: no helpers: inductor's graph cache is off, so this process could not use their graphs"]
     pairs, failures, deadline = [], [], time.perf_counter() + timeout
     for job, process, output in helpers:
         try:
@@ -2893,10 +2900,11 @@ def main(argv=None):
         log(f"resumed from:{checkpoint} at_step:{start_step} changed_fields:{','.join(changed) or 'none'}")
     if cfg.kernel_warmup_steps:
         t0 = time.perf_counter()
-        helpers = start_compile_helpers(cfg, rank, world_size, device) if cfg.compile and cfg.compile_ahead else []
+        ahead = cfg.compile and cfg.compile_ahead
+        helpers = start_compile_helpers(cfg, rank, world_size, device) if ahead else []
         warm_up_kernels(model, raw_model, optimizer, train_loader, val_shards, cfg, rank, world_size, device, autocast,
                         val_model)
-        compiled_ahead = gather(finish_compile_helpers(helpers), world_size) if helpers else []
+        compiled_ahead = gather(finish_compile_helpers(helpers), world_size) if ahead else []
         log(f"kernel_warmup_steps:{cfg.kernel_warmup_steps} warmup_time:{(time.perf_counter() - t0) * 1000:.0f}ms")
         for helper_rank, lines in enumerate(compiled_ahead):  # every rank's helpers: each rank compiles its own
             for line in lines:

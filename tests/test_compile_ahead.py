@@ -116,6 +116,20 @@ def test_a_failed_helper_costs_only_its_gain(runner, monkeypatch, shakespeare, t
     assert result["losses"] == baseline["losses"]
 
 
+@pytest.mark.parametrize("setting", ["fx_graph_cache", "force_disable_caches"])
+def test_with_inductors_cache_off_no_helper_starts(runner, monkeypatch, shakespeare, tmp_path, setting):
+    """The main process finds the helpers' graphs only in inductor's cache: with it off, none is started, and the
+    log says why."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, setting, setting == "force_disable_caches")
+    runner("raise SystemExit('started')")
+    assert lever.compile_ahead_jobs(lever.Config()) == []
+    result, _ = traced_run(lever, monkeypatch, shakespeare, tmp_path, compile=True, kernel_warmup_steps=1,
+                           compile_ahead=True)
+    assert helper_rows(result["run_dir"]) == ({}, ["compile_ahead: no helpers: inductor's graph cache is off, so this "
+                                                   "process could not use their graphs"])
+
+
 def test_a_hung_helper_is_stopped_at_the_timeout(runner):
     runner("import time; time.sleep(60)")
     helpers = lever.start_compile_helpers(lever.Config(compile_ahead=True), 0, 1, torch.device("cpu"))
