@@ -1,6 +1,6 @@
 """Step 70 of the lineage: add --fp8_scaling=ahead: the float8 casts' bounds known before the tensor, no amax pass.
 Parent: 69-add-compile-ahead.py
-Norm outputs by sqrt(width) x the largest gain, gradients by a fixed bound, the rest by the last step's amax x 2.
+Norm outputs bounded by sqrt(width) x the largest gain; other activations and the gradients by 2 x the last amax.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
@@ -285,12 +285,13 @@ PRESETS = {
 EOT = 50256  # GPT-2's <|endoftext|>: fineweb-npy.py starts every document with it
 COMPILE_CACHE_MAGIC = b"gpt-lineage compile cache 1\n"  # --compile_cache: the file's first line
 FLEX_BLOCK_SIZE = 128  # FlexAttention's tile: the block mask lists the 128 x 128 tiles that hold any allowed pair
-# --fp8_scaling=ahead: the bound of every gradient cast to e5m2 in the blocks. e5m2 spans 2^32 (normal from 2^-14 to
-# 57,344), so this bound keeps every gradient entry from ~1e-9 to 1 at full precision: the loss is a mean over the
-# micro-batch's tokens, and the blocks' gradient entries sit orders of magnitude inside that range.
-FP8_GRADIENT_BOUND = 1.0
-FP8_BOUND_MARGIN = 2.0  # --fp8_scaling=ahead: an activation's bound is this times its largest entry one step before
-FP8_FIRST_BOUND = 448.0  # ... and before any step: e4m3's largest value, a scale of 1
+FP8_BOUND_MARGIN = 2.0  # --fp8_scaling=ahead: a bound from the last step is this times that step's largest |entry|
+FP8_FIRST_BOUND = 448.0  # ... and before any step, for an activation: e4m3's largest value, a scale of 1
+# ... and for a gradient: e5m2 is normal from 2^-14 to 57,344 times its scale, so this keeps entries from ~1e-9 to 1
+# at full precision (a loss averaged over a micro-batch's tokens gives far smaller ones than 1); from the second step
+# on, the gradient's own last amax sets it. A fixed bound of 1 for the whole run measured worse: 1.108 and 1.186 against
+# 1.093 on bench100m (bench/RESULTS.md 2026-11-27 (v)), as late gradients fall under e5m2's range.
+FP8_FIRST_GRADIENT_BOUND = 1.0
 E5M2_MAX = 57344.0  # float8 e5m2's largest value: --fused_head_loss's gradient, at most 1 in size, is scaled by it
 FUSED_LOSS_TILE = (64, 128, 8)  # --fused_head_loss's kernel: rows and vocabulary columns per tile, warps per program
 FUSED_LOSS_ROWS = 16384  # --fused_head_loss: rows of logits at a time (bf16 logits of 16,384 x 50,304: 1.6 GB)
@@ -530,9 +531,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True  # see GPT._init_weights
         self.fp8 = cfg.fp8_attention
-        self.bounds_ahead = cfg.fp8_scaling == "ahead" and cfg.fp8_attention != "off"
-        if self.bounds_ahead:  # the output projection's input has no bound known in advance: see bound_from_last_step
-            self.register_buffer("fp8_bound", torch.tensor(FP8_FIRST_BOUND))
+        if cfg.fp8_scaling == "ahead" and cfg.fp8_attention != "off":  # c_attn's input is a norm's: norm_bound
+            add_float8_bounds(self.c_attn, cfg.fp8_attention, input_bound=False)
+            add_float8_bounds(self.c_proj, cfg.fp8_attention, input_bound=True)
         # --attention_gate: a gate per head and token from the first attention_gate channels of the (normed) input.
         # From 0, every gate starts at 1/2. Too small for Muon (muon_params leaves it out): AdamW trains it
         self.gate = nn.Linear(cfg.attention_gate, cfg.n_head, bias=False) if cfg.attention_gate else None
@@ -580,15 +581,12 @@ class CausalSelfAttention(nn.Module):
         if self.gate is not None:  # (B, T, n_head) gates onto y's (B, n_head, T, head_dim)
             y = y * torch.sigmoid(self.gate(x[..., :self.gate.in_features])).transpose(1, 2).unsqueeze(-1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        y_bound = bound_from_last_step(self.fp8_bound, y.abs().amax()) if self.bounds_ahead and self.training else None
-        return self.linear(self.c_proj, y, y_bound)
+        return self.linear(self.c_proj, y)
 
     def linear(self, layer, x, x_bound=None):
-        """layer(x), in training with --fp8_attention through float8 products (float8_linear); else exact. x_bound,
-        and with --fp8_scaling=ahead FP8_GRADIENT_BOUND for the gradient, replace the casts' amax passes."""
-        if self.fp8 == "off" or not self.training:
-            return layer(x)
-        return float8_linear(layer, x, self.fp8, x_bound, gradient_bound(x) if self.bounds_ahead else None)
+        """layer(x), in training with --fp8_attention through float8 products (float8_linear); else exact. x_bound: a
+        limit on |x| known in advance (--fp8_scaling=ahead)."""
+        return layer(x) if self.fp8 == "off" or not self.training else float8_linear(layer, x, self.fp8, x_bound)
 
     def capped_score(self, score, b, h, q_idx, kv_idx):  # FlexAttention's score_mod
         return soft_cap(score, self.attn_softcap, self.attn_softcap_backend)
@@ -597,12 +595,26 @@ class CausalSelfAttention(nn.Module):
         return F.rms_norm(x, (x.size(-1),)) if self.qk_norm == "rms" else F.normalize(x, dim=-1)
 
 
-def float8_linear(layer, x, mode, x_bound=None, grad_bound=None):
+def float8_linear(layer, x, mode, x_bound=None):
     """layer(x) through float8 products: FP8Linear (mode full: e5m2 gradients too) or FP8ForwardLinear (forward).
-    x_bound and grad_bound: limits on |x| and on |the output's gradient|, known in advance (None: their amax)."""
+    x_bound: a limit on |x| known in advance. Without one, the layer's bound from the last step (add_float8_bounds),
+    else x's own amax; the gradient's bound likewise."""
+    if x_bound is None and hasattr(layer, "fp8_input_bound"):
+        x_bound = bound_from_last_step(layer.fp8_input_bound, x.abs().amax())
     product = FP8Linear if mode == "full" else FP8ForwardLinear
-    y = product.apply(x.flatten(0, -2), layer.weight, grad_bound, x_bound).view(*x.shape[:-1], -1)
+    grad_state = getattr(layer, "fp8_grad_bound", None)
+    y = product.apply(x.flatten(0, -2), layer.weight, None, x_bound, grad_state).view(*x.shape[:-1], -1)
     return y if layer.bias is None else y + layer.bias
+
+
+def add_float8_bounds(layer, mode, input_bound):
+    """--fp8_scaling=ahead: `layer`'s bounds from the last step (bound_from_last_step), as buffers, so that a
+    checkpoint and the kernel warm-up keep them: its input's, where no formula bounds it, and (mode full) its output
+    gradient's."""
+    if input_bound:
+        layer.register_buffer("fp8_input_bound", torch.tensor(FP8_FIRST_BOUND))
+    if mode == "full":
+        layer.register_buffer("fp8_grad_bound", torch.tensor(FP8_FIRST_GRADIENT_BOUND))
 
 
 class MLP(nn.Module):
@@ -621,32 +633,29 @@ class MLP(nn.Module):
         self.c_proj.residual_projection = True
         self.fp8 = cfg.fp8_mlp
         self.relu2_from_float8 = cfg.relu2_from_float8  # checked: only with fp8_mlp=full and activation=relu2
-        self.bounds_ahead = cfg.fp8_scaling == "ahead" and cfg.fp8_mlp != "off"
-        if self.bounds_ahead:  # the output projection's input has no bound known in advance: see bound_from_last_step
-            self.register_buffer("fp8_bound", torch.tensor(FP8_FIRST_BOUND))
+        if cfg.fp8_scaling == "ahead" and cfg.fp8_mlp != "off":  # c_fc's input is a norm's: norm_bound
+            add_float8_bounds(self.c_fc, cfg.fp8_mlp, input_bound=False)
+            add_float8_bounds(self.c_proj, cfg.fp8_mlp, input_bound=True)
 
     def linear(self, layer, x, x_bound=None):
-        """layer(x), in training with --fp8_mlp through float8 products scaled by each operand's largest entry, or
-        with --fp8_scaling=ahead by x_bound and FP8_GRADIENT_BOUND. Evaluation and sampling keep the exact product."""
-        if self.fp8 == "off" or not self.training:
-            return layer(x)
-        return float8_linear(layer, x, self.fp8, x_bound, gradient_bound(x) if self.bounds_ahead else None)
+        """layer(x), in training with --fp8_mlp through float8 products scaled by each operand's largest entry: its
+        gradient's bound is not known in advance, unlike the head's (--fp8_scaling=ahead: x_bound, or the last step's
+        bounds). Evaluation and sampling keep the exact product."""
+        return layer(x) if self.fp8 == "off" or not self.training else float8_linear(layer, x, self.fp8, x_bound)
 
-    def forward(self, x, x_bound=None):  # x_bound: a limit on |x| (norm_bound)
-        ahead = self.bounds_ahead and self.training  # the output projection's input bound: bound_from_last_step
+    def forward(self, x, x_bound=None):  # x_bound: a limit on |x| known in advance (norm_bound)
         if self.gated:
             gate, value = self.linear(self.c_fc, x, x_bound).chunk(2, dim=-1)
-            a = self.act(gate) * value
-            return self.linear(self.c_proj, a, bound_from_last_step(self.fp8_bound, a.abs().amax()) if ahead else None)
+            return self.linear(self.c_proj, self.act(gate) * value)
         if self.relu2_from_float8 and self.training:
             h = self.linear(self.c_fc, x, x_bound)
-            # relu(h)^2's largest entry is relu(h's largest)^2: h is read once, by the kernel that casts it
-            a_bound = bound_from_last_step(self.fp8_bound, h.amax().float().clamp(min=0).square()) if ahead else None
+            a_bound = None
+            if hasattr(self.c_proj, "fp8_input_bound"):  # relu(h)^2's largest entry is relu(h's largest)^2
+                a_bound = bound_from_last_step(self.c_proj.fp8_input_bound, h.amax().float().clamp(min=0).square())
             y = ReLU2FP8Linear.apply(h.flatten(0, -2), self.c_proj.weight, a_bound,
-                                     gradient_bound(h) if ahead else None).view(*h.shape[:-1], -1)
+                                     getattr(self.c_proj, "fp8_grad_bound", None)).view(*h.shape[:-1], -1)
             return y if self.c_proj.bias is None else y + self.c_proj.bias
-        a = self.act(self.linear(self.c_fc, x, x_bound))
-        return self.linear(self.c_proj, a, bound_from_last_step(self.fp8_bound, a.abs().amax()) if ahead else None)
+        return self.linear(self.c_proj, self.act(self.linear(self.c_fc, x, x_bound)))
 
 
 class Block(nn.Module):
@@ -866,19 +875,24 @@ def norm_bound(norm):
 
 
 def bound_from_last_step(buffer, largest):
-    """--fp8_scaling=ahead, for an activation that no formula bounds: FP8_BOUND_MARGIN times its largest entry in the
-    last training forward, kept in `buffer` (FP8_FIRST_BOUND before any). Returns that bound and stores the next one,
-    from `largest` (this forward's largest |entry|; a zero keeps the old bound). The cast waits for no amax of its
-    own tensor, so it fuses into the kernel that makes the tensor; an entry past the bound saturates (to_float8)."""
+    """--fp8_scaling=ahead, for a tensor that no formula bounds (an activation, a gradient): FP8_BOUND_MARGIN times
+    its largest |entry| one training step before, kept in `buffer` (a FP8_FIRST_* value before any). Returns that bound
+    and stores the next one, from `largest`, this step's (a zero keeps the old bound). The cast waits for no amax of
+    its own tensor, so it fuses into the kernel that makes the tensor; an entry past the bound saturates (to_float8)."""
     bound = buffer.clone()
     largest = largest.detach().float()
     buffer.copy_(torch.where(largest > 0, largest * FP8_BOUND_MARGIN, buffer))
     return bound
 
 
-def gradient_bound(x):
-    """--fp8_scaling=ahead: the blocks' gradients' bound, FP8_GRADIENT_BOUND, as a tensor on x's device."""
-    return torch.full((), FP8_GRADIENT_BOUND, device=x.device)
+def float8_bounds(model):
+    """--fp8_scaling=ahead, for the log: the range of the bounds from the last step, the activations' and the
+    gradients' ("" if none). They follow the tensors' sizes through the run; a product's bounds far apart from the
+    others' would show where a float8 cast loses range."""
+    kinds = {kind: [b for name, b in model.named_buffers() if name.endswith(f".fp8_{kind}_bound")]
+             for kind in ("input", "grad")}
+    return " ".join(f"fp8_{kind}_bounds:{torch.stack(found).min().item():.3g}..{torch.stack(found).max().item():.3g}"
+                    for kind, found in kinds.items() if found)
 
 
 class FP8Linear(torch.autograd.Function):
@@ -890,23 +904,26 @@ class FP8Linear(torch.autograd.Function):
     written out whole in a wider type before its float8 copy (that cost 18.5 GB at bench100m's micro-batch)."""
 
     @staticmethod
-    def forward(ctx, x, w, grad_bound, x_bound=None):  # x (N, n_embd), w (vocab_size, n_embd); limits on |grad|, |x|
+    def forward(ctx, x, w, grad_bound, x_bound=None, grad_state=None):  # x (N, n_embd), w (vocab_size, n_embd)
+        # grad_bound, x_bound: limits on |gradient| and |x|; grad_state: bound_from_last_step's buffer for the gradient
         x8, x_scale = to_float8(x, torch.float8_e4m3fn, x_bound)
         w8, w_scale = to_float8(w, torch.float8_e4m3fn)
-        ctx.save_for_backward(x8, x_scale, w8, w_scale, grad_bound)  # float8 copies: a quarter of float32's memory
+        ctx.save_for_backward(x8, x_scale, w8, w_scale, grad_bound, grad_state)  # float8: a quarter of float32's memory
         ctx.w_dtype = w.dtype
         # _scaled_mm wants its second operand column-major: w8.t() of the row-major w8 is
         return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
 
     @staticmethod
     def backward(ctx, grad):  # grad (N, vocab_size)
-        x8, x_scale, w8, w_scale, grad_bound = ctx.saved_tensors
+        x8, x_scale, w8, w_scale, grad_bound, grad_state = ctx.saved_tensors
+        if grad_state is not None:  # written in the backward: the next step's bound
+            grad_bound = bound_from_last_step(grad_state, grad.abs().amax())
         g8, g_scale = to_float8(grad, torch.float8_e5m2, grad_bound)
         grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_scale, scale_b=w_scale,
                                   out_dtype=torch.bfloat16)
         grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_scale, scale_b=x_scale,
                                   out_dtype=torch.float32)
-        return grad_x, grad_w.to(ctx.w_dtype), None, None
+        return grad_x, grad_w.to(ctx.w_dtype), None, None, None
 
 
 class ReLU2FP8Linear(torch.autograd.Function):
@@ -917,16 +934,17 @@ class ReLU2FP8Linear(torch.autograd.Function):
     from it). The root of an e4m3 value has ~4 bits of mantissa, finer than the e5m2 gradient (2 bits) it meets."""
 
     @staticmethod
-    def forward(ctx, h, w, a_bound=None, grad_bound=None):  # h (N, hidden): the first product's output
+    def forward(ctx, h, w, a_bound=None, grad_state=None):  # h (N, hidden): the first product's output; as FP8Linear's
         a8, a_scale = to_float8(ACTIVATIONS["relu2"](h), torch.float8_e4m3fn, a_bound)
         w8, w_scale = to_float8(w, torch.float8_e4m3fn)
-        ctx.save_for_backward(a8, a_scale, w8, w_scale, grad_bound)
+        ctx.save_for_backward(a8, a_scale, w8, w_scale, grad_state)
         ctx.dtypes = h.dtype, w.dtype
         return torch._scaled_mm(a8, w8.t(), scale_a=a_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
 
     @staticmethod
     def backward(ctx, grad):  # grad (N, n_embd)
-        a8, a_scale, w8, w_scale, grad_bound = ctx.saved_tensors
+        a8, a_scale, w8, w_scale, grad_state = ctx.saved_tensors
+        grad_bound = None if grad_state is None else bound_from_last_step(grad_state, grad.abs().amax())
         g8, g_scale = to_float8(grad, torch.float8_e5m2, grad_bound)
         grad_a = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_scale, scale_b=w_scale,
                                   out_dtype=torch.bfloat16)
@@ -945,7 +963,7 @@ class FP8ForwardLinear(torch.autograd.Function):
     39.7 ms and 13.5 GB with FP8Linear and 41.2 ms and 7.5 GB with bf16 products (bench/head_microbench.py)."""
 
     @staticmethod
-    def forward(ctx, x, w, grad_bound, x_bound=None):  # grad_bound: unused, the gradient is never quantized
+    def forward(ctx, x, w, grad_bound, x_bound=None, grad_state=None):  # grad_*: unused, the gradient stays bf16
         x8, x_scale = to_float8(x, torch.float8_e4m3fn, x_bound)
         w8, w_scale = to_float8(w, torch.float8_e4m3fn)
         ctx.save_for_backward(x, w)  # x in its own dtype (bfloat16 under autocast), not a float8 copy
@@ -957,7 +975,7 @@ class FP8ForwardLinear(torch.autograd.Function):
         g = grad.to(torch.bfloat16)
         grad_x = g @ w.to(g.dtype)
         grad_w = g.t() @ x.to(g.dtype)
-        return grad_x, grad_w.to(w.dtype), None, None
+        return grad_x, grad_w.to(w.dtype), None, None, None
 
 
 if triton is not None:
@@ -2994,6 +3012,8 @@ def main(argv=None):
             val_losses.append((step, val_loss))
             log(f"step:{step}/{cfg.max_steps} val_loss:{val_loss:.6f} val_ppl:{math.exp(min(val_loss, 80)):.2f} "
                 f"tokens:{step * cfg.total_batch_size} train_time:{train_time * 1000:.0f}ms")
+            if cfg.fp8_scaling == "ahead" and (bounds := float8_bounds(raw_model)):
+                log(f"step:{step}/{cfg.max_steps} {bounds}")
             if cfg.val_target and val_loss <= cfg.val_target:  # the same value on every rank: all stop here
                 log(f"step:{step}/{cfg.max_steps} reached_val_target:{cfg.val_target} "
                     f"train_time:{train_time * 1000:.0f}ms")

@@ -1,0 +1,169 @@
+"""--fp8_scaling (step 70): ahead gives every float8 cast of an activation or a gradient a bound known before the tensor
+exists, so that no amax pass has to finish before the cast. A norm's output is bounded by its gain (norm_bound); the
+other activations and the gradients by FP8_BOUND_MARGIN times their largest entry one step before, kept as buffers
+(bound_from_last_step). amax is the parent (step 69): each tensor scaled by its own largest entry. These tests check the
+bounds' arithmetic, that every cast but the weights' gets one, that the buffers follow the last step in the forward and
+in the backward, that evaluation, checkpoints and the kernel warm-up keep them, and that off the step is its parent."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import script_number, step_adding
+from lever_helpers import batch, build, lever_and_parent, train
+
+lever, parent_step = lever_and_parent("fp8_scaling")
+LEVER_SCRIPT = step_adding("fp8_scaling")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# float8 in the attention and the MLPs; zero-initialized output projections would give the first backward zero gradients
+FLOAT8 = dict(zero_init_projections=False, fp8_mlp="full", fp8_attention="full", relu2_from_float8=True)
+
+
+def bounds(model):
+    return {name: buffer.item() for name, buffer in model.named_buffers() if ".fp8_" in name}
+
+
+def test_ahead_by_default_and_amax_is_the_parent():
+    assert lever.Config().fp8_scaling == "ahead" and not hasattr(parent_step.Config, "fp8_scaling")
+    assert f"    {script_number(LEVER_SCRIPT)}  --fp8_scaling=ahead" in lever.__doc__
+    model, cfg = build(lever, fp8_scaling="amax", **FLOAT8)
+    assert not bounds(model)
+    parent, parent_cfg = build(parent_step, **FLOAT8)
+    parent_losses = train(parent, parent_cfg, parent_step, 3)
+    assert train(model, cfg, lever, 3) == parent_losses
+    ahead, ahead_cfg = build(lever, **FLOAT8)
+    ahead_losses = train(ahead, ahead_cfg, lever, 8)
+    assert ahead_losses[:3] != parent_losses
+    # it trains as the amax scaling does, within float8's rounding, and the loss falls
+    model, cfg = build(lever, fp8_scaling="amax", **FLOAT8)
+    assert ahead_losses == pytest.approx(train(model, cfg, lever, 8), abs=0.02)
+    assert ahead_losses[-1] < ahead_losses[0] - 0.5
+
+
+@pytest.mark.parametrize("norm", [nn.RMSNorm(64), nn.LayerNorm(64), nn.LayerNorm(64, bias=False)])
+def test_a_norms_output_never_exceeds_its_bound_and_reaches_it(norm):
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=generator))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.randn(64, generator=generator) * 0.1)
+    x = torch.randn(256, 64, generator=generator) * torch.logspace(-3, 3, 256).unsqueeze(1)
+    bound = lever.norm_bound(norm).item()
+    assert norm(x).abs().max().item() <= bound * (1 + 1e-5)
+    # the worst row: all of its size in the channel of the largest gain (a LayerNorm's mean takes a share of it)
+    peak = torch.full((1, 64), -1.0 if isinstance(norm, nn.LayerNorm) else 0.0)
+    peak[0, norm.weight.abs().argmax()] = 1e4
+    reached = norm(peak).abs().max().item()
+    assert reached == pytest.approx(bound, rel=0.02 if isinstance(norm, nn.LayerNorm) else 1e-4)
+
+
+def test_a_bound_from_the_last_step_is_the_margin_times_that_steps_largest_entry():
+    buffer = torch.tensor(lever.FP8_FIRST_BOUND)
+    assert lever.bound_from_last_step(buffer, torch.tensor(3.0)).item() == lever.FP8_FIRST_BOUND
+    assert buffer.item() == 3.0 * lever.FP8_BOUND_MARGIN
+    assert lever.bound_from_last_step(buffer, torch.tensor(0.0)).item() == 6.0
+    assert buffer.item() == 6.0  # an all-zero tensor (a zero-initialized product's gradient) keeps the old bound
+
+
+def record_casts(monkeypatch):
+    """[(float8 dtype, bound or None, the cast tensor's largest |entry|, the tensor itself)] of every to_float8 call."""
+    casts = []
+    original = lever.to_float8
+
+    def recording(t, dtype, bound=None):
+        casts.append((dtype, None if bound is None else float(bound), t.detach().abs().amax().item(), t))
+        return original(t, dtype, bound)
+    monkeypatch.setattr(lever, "to_float8", recording)
+    return casts
+
+
+@pytest.mark.parametrize("scaling", ["ahead", "amax"])
+def test_every_cast_but_the_weights_gets_a_bound(monkeypatch, scaling):
+    model, cfg = build(lever, fp8_scaling=scaling, fp8_head=True, fused_head_loss=False, **FLOAT8)
+    weights = {id(p) for p in model.parameters()}
+    casts = record_casts(monkeypatch)
+    x, y = batch()
+    model(x, y).backward()
+    unbounded = [t for _, bound, _, t in casts if bound is None]
+    # per block: the attention's and the MLP's two products, each an input in e4m3 and a gradient in e5m2; the head
+    # one of each (its gradient's bound, 1 / scored targets, is the parent's)
+    assert len(casts) == 2 * cfg.n_layer * 2 * 3 + 3
+    if scaling == "ahead":
+        assert len(unbounded) == 2 * cfg.n_layer * 2 + 1 and all(id(t) in weights for t in unbounded)
+    else:
+        assert len(unbounded) == len(casts) - 1
+
+
+def test_the_bounds_follow_the_last_step_forward_and_backward(monkeypatch):
+    model, cfg = build(lever, **FLOAT8)
+    first = bounds(model)
+    assert all(value == (lever.FP8_FIRST_BOUND if "input" in name else lever.FP8_FIRST_GRADIENT_BOUND)
+               for name, value in first.items())
+    assert len(first) == cfg.n_layer * (1 + 2) * 2  # per block and branch: c_proj's input, both products' gradients
+    casts = record_casts(monkeypatch)
+    x, y = batch()
+    model(x, y).backward()
+    after = bounds(model)
+    margin = lever.FP8_BOUND_MARGIN
+    gradients = sorted(margin * largest for dtype, bound, largest, _ in casts
+                       if dtype == torch.float8_e5m2 and bound == lever.FP8_FIRST_GRADIENT_BOUND)
+    assert sorted(v for n, v in after.items() if "grad" in n) == pytest.approx(gradients, rel=1e-6)
+    # the c_proj inputs: the attention's output, and relu(h)^2 (its largest entry from h's)
+    inputs = sorted(margin * largest for dtype, bound, largest, _ in casts
+                    if dtype == torch.float8_e4m3fn and bound == lever.FP8_FIRST_BOUND)
+    assert sorted(v for n, v in after.items() if "input" in n) == pytest.approx(inputs, rel=1e-2)
+    # the next step's casts use them
+    casts.clear()
+    model(x, y).backward()
+    used = [bound for _, bound, _, _ in casts if bound is not None]
+    for name, value in after.items():
+        assert any(bound == pytest.approx(value, rel=1e-6) for bound in used), name
+
+
+def test_evaluation_keeps_the_exact_products_and_the_bounds():
+    model, cfg = build(lever, **FLOAT8)
+    train(model, cfg, lever, 2)
+    exact, _ = build(lever, fp8_scaling="amax", fp8_mlp="off", fp8_attention="off", relu2_from_float8=False,
+                     zero_init_projections=False)
+    exact.load_state_dict({k: v for k, v in model.state_dict().items() if ".fp8_" not in k})
+    before = bounds(model)
+    model.eval()
+    exact.eval()
+    x, y = batch()
+    with torch.no_grad():
+        assert torch.equal(model(x, y), exact(x, y))
+    assert bounds(model) == before
+
+
+def run(out_dir, run_name, **overrides):
+    values = dict(data=os.path.join(REPO, "input.txt"), device="cpu", compile=False, kernel_warmup_steps=0,
+                  val_target=0.0, lr_decay_tokens=0, n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=2,
+                  total_batch_size=128, window=0, window_ramp=False, attention="sdpa", blockmask_from_kv_blocks=False,
+                  val_tokens=128, val_every=0, sample_every=0, max_steps=6, warmup_steps=1, value_embeddings=1,
+                  fp8_head=False, fused_head_loss=False, long_window_layers="", attention_free_layers="",
+                  backout_layer=-1, compile_ahead=False, out_dir=out_dir, run_name=run_name, **FLOAT8)
+    values.update(overrides)
+    return lever.main([f"--{key}={value}" for key, value in values.items()])
+
+
+def test_a_resumed_run_and_a_warmed_up_run_continue_the_same_curve(tmp_path):
+    whole = run(tmp_path, "whole", ckpt_every=3, keep_last=0)
+    resumed = run(tmp_path, "whole", ckpt_every=0, resume=os.path.join(whole["run_dir"], "checkpoints", "step_000003"))
+    assert resumed["losses"] == whole["losses"][3:]  # bit for bit: the bounds came back with the weights
+    warmed = run(tmp_path, "warmed", ckpt_every=0, kernel_warmup_steps=2)
+    assert warmed["losses"] == whole["losses"]  # the warm-up's steps moved the bounds, and they were put back
+    # the log gives the bounds' range after each validation
+    with open(os.path.join(whole["run_dir"], "log.txt"), encoding="utf-8") as f:
+        lines = [line for line in f if "fp8_grad_bounds:" in line]
+    # one validation a run, the last step's; the resumed run goes on in the same folder and log
+    assert len(lines) == 2 and all(line.startswith("step:6/6 fp8_input_bounds:") for line in lines)
+    amax = run(tmp_path, "amax", ckpt_every=0, fp8_scaling="amax")
+    with open(os.path.join(amax["run_dir"], "log.txt"), encoding="utf-8") as f:
+        assert "fp8_grad_bounds:" not in f.read()
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(SystemExit, match="--fp8_scaling='delayed' is not one of: amax, ahead"):
+        lever.parse_config(["--fp8_scaling=delayed"])
+    assert lever.parse_config(["--fp8_scaling=amax"]).fp8_scaling == "amax"
