@@ -3,7 +3,8 @@ exists, so that no amax pass has to finish before the cast. A norm's output is b
 other activations and the gradients by FP8_BOUND_MARGIN times their largest entry one step before, kept as buffers
 (bound_from_last_step). amax is the parent (step 69): each tensor scaled by its own largest entry. These tests check the
 bounds' arithmetic, that every cast but the weights' gets one, that the buffers follow the last step in the forward and
-in the backward, that evaluation, checkpoints and the kernel warm-up keep them, and that off the step is its parent."""
+in the backward, that evaluation, checkpoints and the kernel warm-up keep them, that under DDP every rank casts with
+rank 0's, and that off the step is its parent."""
 import os
 
 import pytest
@@ -167,3 +168,37 @@ def test_bad_values_are_refused():
     with pytest.raises(SystemExit, match="--fp8_scaling='delayed' is not one of: amax, ahead"):
         lever.parse_config(["--fp8_scaling=delayed"])
     assert lever.parse_config(["--fp8_scaling=amax"]).fp8_scaling == "amax"
+
+
+def ddp_worker(rank, world_size, store, out):
+    """Two steps of a tiny float8 model under DDP, each rank on its own batch; saves the bounds the second step's casts
+    used on this rank, and the rank's buffers after that step."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    model, cfg = build(lever, **FLOAT8)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = lever.configure_optimizer(model, cfg, "cpu")
+    used = []
+    original = lever.to_float8
+    for step in range(2):
+        if step == 1:
+            lever.to_float8 = lambda t, dtype, bound=None: used.append(None if bound is None else float(bound)) or \
+                original(t, dtype, bound)
+        optimizer.zero_grad(set_to_none=True)
+        x, y = batch(seed=rank + 1)
+        ddp(x, y).backward()
+        optimizer.step()
+    lever.to_float8 = original
+    torch.save((used, bounds(model)), os.path.join(out, f"{rank}.pt"))
+    torch.distributed.barrier()
+    os._exit(0)  # as in test_distributed_muon.py: gloo's teardown at exit can abort a rank after its results are saved
+
+
+def test_under_ddp_every_rank_casts_with_rank_0s_bounds(tmp_path):
+    """DDP broadcasts the buffers from rank 0 before each forward, so every rank scales its float8 casts alike, though
+    each rank's batch (and so its amax) differs; the buffers then hold each rank's own step."""
+    torch.multiprocessing.start_processes(ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                                          start_method="spawn")
+    (used0, after0), (used1, after1) = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
+    assert len(used0) == len(used1) > 0 and used0 == used1
+    assert after0.keys() == after1.keys() and after0 != after1
