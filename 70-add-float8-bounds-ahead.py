@@ -176,7 +176,7 @@ class Config:
     fp8_mlp: str = "full"  # training: the MLPs' products in float8: off, forward (backward bf16) or full (e5m2 gradients)
     relu2_from_float8: bool = True  # fp8_mlp=full, relu2: the backward's relu(h) = sqrt(float8 relu(h)^2), h not kept
     fp8_attention: str = "full"  # training: the attention's q, k, v and output projections in float8, as fp8_mlp's modes
-    fp8_scaling: str = "ahead"  # float8 casts' scales: amax (each tensor's largest entry) or ahead (bounds known before)
+    fp8_scaling: str = "ahead"  # float8 casts' scales: amax (each tensor's own), ahead (bounds known before), activations
     bf16_activations: bool = True  # under autocast: the residual stream in its dtype (bfloat16), not the weights'
     logit_softcap: float = 15.0  # > 0: logits become logit_softcap * tanh(logits / logit_softcap); 0 = off
     attention: str = "flex"  # sdpa (fused attention, causal) or flex (FlexAttention with a block mask, compiled on CUDA)
@@ -531,9 +531,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True  # see GPT._init_weights
         self.fp8 = cfg.fp8_attention
-        if cfg.fp8_scaling == "ahead" and cfg.fp8_attention != "off":  # c_attn's input is a norm's: norm_bound
-            add_float8_bounds(self.c_attn, cfg.fp8_attention, input_bound=False)
-            add_float8_bounds(self.c_proj, cfg.fp8_attention, input_bound=True)
+        if cfg.fp8_scaling != "amax" and cfg.fp8_attention != "off":  # c_attn's input is a norm's: norm_bound
+            add_float8_bounds(self.c_attn, cfg, cfg.fp8_attention, input_bound=False)
+            add_float8_bounds(self.c_proj, cfg, cfg.fp8_attention, input_bound=True)
         # --attention_gate: a gate per head and token from the first attention_gate channels of the (normed) input.
         # From 0, every gate starts at 1/2. Too small for Muon (muon_params leaves it out): AdamW trains it
         self.gate = nn.Linear(cfg.attention_gate, cfg.n_head, bias=False) if cfg.attention_gate else None
@@ -607,13 +607,13 @@ def float8_linear(layer, x, mode, x_bound=None):
     return y if layer.bias is None else y + layer.bias
 
 
-def add_float8_bounds(layer, mode, input_bound):
-    """--fp8_scaling=ahead: `layer`'s bounds from the last step (bound_from_last_step), as buffers, so that a
-    checkpoint and the kernel warm-up keep them: its input's, where no formula bounds it, and (mode full) its output
-    gradient's."""
+def add_float8_bounds(layer, cfg, mode, input_bound):
+    """--fp8_scaling=ahead or activations: `layer`'s bounds from the last step (bound_from_last_step), as buffers, so
+    that a checkpoint and the kernel warm-up keep them: its input's, where no formula bounds it, and (ahead, mode full)
+    its output gradient's. activations leaves the gradients to their own amax, as amax does."""
     if input_bound:
         layer.register_buffer("fp8_input_bound", torch.tensor(FP8_FIRST_BOUND))
-    if mode == "full":
+    if mode == "full" and cfg.fp8_scaling == "ahead":
         layer.register_buffer("fp8_grad_bound", torch.tensor(FP8_FIRST_GRADIENT_BOUND))
 
 
@@ -633,9 +633,9 @@ class MLP(nn.Module):
         self.c_proj.residual_projection = True
         self.fp8 = cfg.fp8_mlp
         self.relu2_from_float8 = cfg.relu2_from_float8  # checked: only with fp8_mlp=full and activation=relu2
-        if cfg.fp8_scaling == "ahead" and cfg.fp8_mlp != "off":  # c_fc's input is a norm's: norm_bound
-            add_float8_bounds(self.c_fc, cfg.fp8_mlp, input_bound=False)
-            add_float8_bounds(self.c_proj, cfg.fp8_mlp, input_bound=True)
+        if cfg.fp8_scaling != "amax" and cfg.fp8_mlp != "off":  # c_fc's input is a norm's: norm_bound
+            add_float8_bounds(self.c_fc, cfg, cfg.fp8_mlp, input_bound=False)
+            add_float8_bounds(self.c_proj, cfg, cfg.fp8_mlp, input_bound=True)
 
     def linear(self, layer, x, x_bound=None):
         """layer(x), in training with --fp8_mlp through float8 products scaled by each operand's largest entry: its
@@ -669,7 +669,7 @@ class Block(nn.Module):
         # residual_scaling=forward: both branches' outputs are multiplied by 1/sqrt(2 * n_layer) at every step (see
         # GPT._init_weights); init: by 1, and the same scale is in the output projections' starting weights
         self.branch_scale = (2 * cfg.n_layer) ** -0.5 if cfg.residual_scaling == "forward" else 1.0
-        self.bounds_ahead = cfg.fp8_scaling == "ahead" and (cfg.fp8_attention != "off" or cfg.fp8_mlp != "off")
+        self.bounds_ahead = cfg.fp8_scaling != "amax" and (cfg.fp8_attention != "off" or cfg.fp8_mlp != "off")
         self.x0_mixing = cfg.x0_mixing
         if cfg.x0_mixing:
             # (a, b) of x <- a*x + b*x0: from (1, 0) the block gets the same input as without mixing, so the
@@ -829,7 +829,7 @@ class GPT(nn.Module):
         its own (eager, its float32 logits would be materialized several times over)."""
         x = self.transformer.ln_f(x)
         # --fp8_scaling=ahead: the float8 head's input is ln_f's output, bounded by its gain (norm_bound)
-        x_bound = norm_bound(self.transformer.ln_f) if self.cfg.fp8_scaling == "ahead" and self.training else None
+        x_bound = norm_bound(self.transformer.ln_f) if self.cfg.fp8_scaling != "amax" and self.training else None
         if self.cfg.fused_head_loss and self.training and targets is not None:  # the loss; no logits leave the head
             return FP8HeadLoss.apply(x.flatten(0, -2), self.lm_head.weight, targets.reshape(-1),
                                      self.cfg.logit_softcap, self.cfg.pad_token, self.cfg.fused_loss_fast_math, x_bound)
@@ -2701,8 +2701,8 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--relu2_from_float8 reads ReLU²'s backward from the MLP's float8 product: it needs "
                           f"--fp8_mlp=full and --activation=relu2, not {cfg.fp8_mlp} and {cfg.activation}; set them, or "
                           "--relu2_from_float8=false")
-    if cfg.fp8_scaling not in ("amax", "ahead"):
-        raise ConfigError(f"--fp8_scaling={cfg.fp8_scaling!r} is not one of: amax, ahead")
+    if cfg.fp8_scaling not in ("amax", "ahead", "activations"):
+        raise ConfigError(f"--fp8_scaling={cfg.fp8_scaling!r} is not one of: amax, ahead, activations")
     if cfg.fp8_attention not in ("off", "forward", "full"):
         raise ConfigError(f"--fp8_attention={cfg.fp8_attention!r} is not one of: off, forward, full")
     kv_width = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
@@ -3012,7 +3012,7 @@ def main(argv=None):
             val_losses.append((step, val_loss))
             log(f"step:{step}/{cfg.max_steps} val_loss:{val_loss:.6f} val_ppl:{math.exp(min(val_loss, 80)):.2f} "
                 f"tokens:{step * cfg.total_batch_size} train_time:{train_time * 1000:.0f}ms")
-            if cfg.fp8_scaling == "ahead" and (bounds := float8_bounds(raw_model)):
+            if cfg.fp8_scaling != "amax" and (bounds := float8_bounds(raw_model)):
                 log(f"step:{step}/{cfg.max_steps} {bounds}")
             if cfg.val_target and val_loss <= cfg.val_target:  # the same value on every rank: all stop here
                 log(f"step:{step}/{cfg.max_steps} reached_val_target:{cfg.val_target} "

@@ -1,7 +1,8 @@
 """--fp8_scaling (step 70): ahead gives every float8 cast of an activation or a gradient a bound known before the tensor
 exists, so that no amax pass has to finish before the cast. A norm's output is bounded by its gain (norm_bound); the
 other activations and the gradients by FP8_BOUND_MARGIN times their largest entry one step before, kept as buffers
-(bound_from_last_step). amax is the parent (step 69): each tensor scaled by its own largest entry. These tests check the
+(bound_from_last_step). activations bounds the activations so and leaves the gradients to their own amax. amax is
+the parent (step 69): each tensor scaled by its own largest entry. These tests check the
 bounds' arithmetic, that every cast but the weights' gets one, that the buffers follow the last step in the forward and
 in the backward, that evaluation, checkpoints and the kernel warm-up keep them, that under DDP every rank casts with
 rank 0's, and that off the step is its parent."""
@@ -79,7 +80,7 @@ def record_casts(monkeypatch):
     return casts
 
 
-@pytest.mark.parametrize("scaling", ["ahead", "amax"])
+@pytest.mark.parametrize("scaling", ["ahead", "activations", "amax"])
 def test_every_cast_but_the_weights_gets_a_bound(monkeypatch, scaling):
     model, cfg = build(lever, fp8_scaling=scaling, fp8_head=True, fused_head_loss=False, **FLOAT8)
     weights = {id(p) for p in model.parameters()}
@@ -90,8 +91,13 @@ def test_every_cast_but_the_weights_gets_a_bound(monkeypatch, scaling):
     # per block: the attention's and the MLP's two products, each an input in e4m3 and a gradient in e5m2; the head
     # one of each (its gradient's bound, 1 / scored targets, is the parent's)
     assert len(casts) == 2 * cfg.n_layer * 2 * 3 + 3
+    block_gradients = [t for dtype, bound, _, t in casts if dtype == torch.float8_e5m2 and bound is None]
     if scaling == "ahead":
         assert len(unbounded) == 2 * cfg.n_layer * 2 + 1 and all(id(t) in weights for t in unbounded)
+    elif scaling == "activations":  # the blocks' gradients keep their own amax, as in the parent
+        assert len(block_gradients) == 2 * cfg.n_layer * 2
+        assert len(unbounded) == 2 * cfg.n_layer * 2 + 1 + len(block_gradients)
+        assert not any("grad" in name for name in bounds(model))
     else:
         assert len(unbounded) == len(casts) - 1
 
@@ -165,7 +171,7 @@ def test_a_resumed_run_and_a_warmed_up_run_continue_the_same_curve(tmp_path):
 
 
 def test_bad_values_are_refused():
-    with pytest.raises(SystemExit, match="--fp8_scaling='delayed' is not one of: amax, ahead"):
+    with pytest.raises(SystemExit, match="--fp8_scaling='delayed' is not one of: amax, ahead, activations"):
         lever.parse_config(["--fp8_scaling=delayed"])
     assert lever.parse_config(["--fp8_scaling=amax"]).fp8_scaling == "amax"
 
