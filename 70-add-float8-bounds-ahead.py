@@ -1,6 +1,6 @@
-"""Step 70 of the lineage: add --fp8_scaling=ahead: the float8 casts' bounds known before the tensor, no amax pass.
+"""Step 70 of the lineage: add --fp8_scaling: float8 casts whose bounds are known before the tensor, no amax pass.
 Parent: 69-add-compile-ahead.py
-Norm outputs bounded by sqrt(width) x the largest gain; other activations and the gradients by 2 x the last amax.
+The blocks' gradients bounded by 256 / the loss's tokens (gradients, the default); activations by their norms' gains.
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
@@ -83,7 +83,7 @@ What each step added:
     67  the defaults: --batch_size=16 (one micro-batch a bench100m step), --relu2_from_float8=true (fits it in 34 GB)
     68  --blockmask_without_sort: the block mask's tiles listed by a running count and a scatter, not compiled sorts
     69  --compile_ahead: during the warm-up, helper processes compile Muon's and validation's graphs into the cache
-    70  --fp8_scaling=ahead: each float8 cast's bound is known before its tensor exists, so no amax pass precedes it
+    70  --fp8_scaling=gradients: the blocks' float8 gradients cast with a bound known ahead, no amax pass before it
 """
 
 import copy
@@ -176,7 +176,7 @@ class Config:
     fp8_mlp: str = "full"  # training: the MLPs' products in float8: off, forward (backward bf16) or full (e5m2 gradients)
     relu2_from_float8: bool = True  # fp8_mlp=full, relu2: the backward's relu(h) = sqrt(float8 relu(h)^2), h not kept
     fp8_attention: str = "full"  # training: the attention's q, k, v and output projections in float8, as fp8_mlp's modes
-    fp8_scaling: str = "ahead"  # float8 casts' scales: amax (each tensor's own), ahead (bounds known before), activations
+    fp8_scaling: str = "gradients"  # float8 bounds known ahead: gradients, activations, ahead (both), or amax (none)
     bf16_activations: bool = True  # under autocast: the residual stream in its dtype (bfloat16), not the weights'
     logit_softcap: float = 15.0  # > 0: logits become logit_softcap * tanh(logits / logit_softcap); 0 = off
     attention: str = "flex"  # sdpa (fused attention, causal) or flex (FlexAttention with a block mask, compiled on CUDA)
@@ -285,13 +285,15 @@ PRESETS = {
 EOT = 50256  # GPT-2's <|endoftext|>: fineweb-npy.py starts every document with it
 COMPILE_CACHE_MAGIC = b"gpt-lineage compile cache 1\n"  # --compile_cache: the file's first line
 FLEX_BLOCK_SIZE = 128  # FlexAttention's tile: the block mask lists the 128 x 128 tiles that hold any allowed pair
-FP8_BOUND_MARGIN = 2.0  # --fp8_scaling=ahead: a bound from the last step is this times that step's largest |entry|
-FP8_FIRST_BOUND = 448.0  # ... and before any step, for an activation: e4m3's largest value, a scale of 1
-# ... and for a gradient: e5m2 is normal from 2^-14 to 57,344 times its scale, so this keeps entries from ~1e-9 to 1
-# at full precision (a loss averaged over a micro-batch's tokens gives far smaller ones than 1); from the second step
-# on, the gradient's own last amax sets it. A fixed bound of 1 for the whole run measured worse: 1.108 and 1.186 against
-# 1.093 on bench100m (bench/RESULTS.md 2026-11-27 (v)), as late gradients fall under e5m2's range.
-FP8_FIRST_GRADIENT_BOUND = 1.0
+FP8_BOUND_MARGIN = 2.0  # --fp8_scaling=activations: a bound from the last step is this times its largest |entry|
+FP8_FIRST_BOUND = 448.0  # ... and before any step: e4m3's largest value, a scale of 1
+# --fp8_scaling=gradients: a block's gradient entry times the tokens its loss averages over stays under this. Measured
+# on bench100m (RESULTS (w), 131,072 tokens): at most ~3, and every product's amax at least ~0.014. A bound of 256
+# saturates nothing measured (~80x over) and leaves each amax >= 10^4 above e5m2's smallest normal (2^-14 of 57,344).
+# A bound of 1.0 in absolute units cost loss (1.108 and 1.186 against 1.093, RESULTS (v)): small gradients fell to 0.
+FP8_GRADIENT_BOUND_PER_TOKEN = 256.0
+FP8_SCALING_ACTIVATIONS = ("activations", "ahead")  # --fp8_scaling values that bound the activations ahead
+FP8_SCALING_GRADIENTS = ("gradients", "ahead")  # ... and the blocks' gradients
 E5M2_MAX = 57344.0  # float8 e5m2's largest value: --fused_head_loss's gradient, at most 1 in size, is scaled by it
 FUSED_LOSS_TILE = (64, 128, 8)  # --fused_head_loss's kernel: rows and vocabulary columns per tile, warps per program
 FUSED_LOSS_ROWS = 16384  # --fused_head_loss: rows of logits at a time (bf16 logits of 16,384 x 50,304: 1.6 GB)
@@ -531,9 +533,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_projection = True  # see GPT._init_weights
         self.fp8 = cfg.fp8_attention
-        if cfg.fp8_scaling != "amax" and cfg.fp8_attention != "off":  # c_attn's input is a norm's: norm_bound
-            add_float8_bounds(self.c_attn, cfg, cfg.fp8_attention, input_bound=False)
-            add_float8_bounds(self.c_proj, cfg, cfg.fp8_attention, input_bound=True)
+        self.grad_ahead = cfg.fp8_scaling in FP8_SCALING_GRADIENTS and cfg.fp8_attention == "full"
+        if cfg.fp8_scaling in FP8_SCALING_ACTIVATIONS and cfg.fp8_attention != "off":  # c_attn's: norm_bound
+            add_float8_bounds(self.c_proj)
         # --attention_gate: a gate per head and token from the first attention_gate channels of the (normed) input.
         # From 0, every gate starts at 1/2. Too small for Muon (muon_params leaves it out): AdamW trains it
         self.gate = nn.Linear(cfg.attention_gate, cfg.n_head, bias=False) if cfg.attention_gate else None
@@ -585,8 +587,10 @@ class CausalSelfAttention(nn.Module):
 
     def linear(self, layer, x, x_bound=None):
         """layer(x), in training with --fp8_attention through float8 products (float8_linear); else exact. x_bound: a
-        limit on |x| known in advance (--fp8_scaling=ahead)."""
-        return layer(x) if self.fp8 == "off" or not self.training else float8_linear(layer, x, self.fp8, x_bound)
+        limit on |x| known in advance (--fp8_scaling=activations or ahead)."""
+        if self.fp8 == "off" or not self.training:
+            return layer(x)
+        return float8_linear(layer, x, self.fp8, x_bound, self.grad_ahead)
 
     def capped_score(self, score, b, h, q_idx, kv_idx):  # FlexAttention's score_mod
         return soft_cap(score, self.attn_softcap, self.attn_softcap_backend)
@@ -595,26 +599,22 @@ class CausalSelfAttention(nn.Module):
         return F.rms_norm(x, (x.size(-1),)) if self.qk_norm == "rms" else F.normalize(x, dim=-1)
 
 
-def float8_linear(layer, x, mode, x_bound=None):
+def float8_linear(layer, x, mode, x_bound=None, grad_ahead=False):
     """layer(x) through float8 products: FP8Linear (mode full: e5m2 gradients too) or FP8ForwardLinear (forward).
     x_bound: a limit on |x| known in advance. Without one, the layer's bound from the last step (add_float8_bounds),
-    else x's own amax; the gradient's bound likewise."""
+    else x's own amax. grad_ahead (--fp8_scaling=gradients or ahead): the gradient's bound is gradient_bound's."""
     if x_bound is None and hasattr(layer, "fp8_input_bound"):
         x_bound = bound_from_last_step(layer.fp8_input_bound, x.abs().amax())
     product = FP8Linear if mode == "full" else FP8ForwardLinear
-    grad_state = getattr(layer, "fp8_grad_bound", None)
-    y = product.apply(x.flatten(0, -2), layer.weight, None, x_bound, grad_state).view(*x.shape[:-1], -1)
+    rows = x.flatten(0, -2)
+    y = product.apply(rows, layer.weight, gradient_bound(rows) if grad_ahead else None, x_bound).view(*x.shape[:-1], -1)
     return y if layer.bias is None else y + layer.bias
 
 
-def add_float8_bounds(layer, cfg, mode, input_bound):
-    """--fp8_scaling=ahead or activations: `layer`'s bounds from the last step (bound_from_last_step), as buffers, so
-    that a checkpoint and the kernel warm-up keep them: its input's, where no formula bounds it, and (ahead, mode full)
-    its output gradient's. activations leaves the gradients to their own amax, as amax does."""
-    if input_bound:
-        layer.register_buffer("fp8_input_bound", torch.tensor(FP8_FIRST_BOUND))
-    if mode == "full" and cfg.fp8_scaling == "ahead":
-        layer.register_buffer("fp8_grad_bound", torch.tensor(FP8_FIRST_GRADIENT_BOUND))
+def add_float8_bounds(layer):
+    """--fp8_scaling=activations or ahead: `layer`'s input bound from the last step (bound_from_last_step), as a
+    buffer, so that a checkpoint and the kernel warm-up keep it; for an input that no formula bounds."""
+    layer.register_buffer("fp8_input_bound", torch.tensor(FP8_FIRST_BOUND))
 
 
 class MLP(nn.Module):
@@ -633,15 +633,17 @@ class MLP(nn.Module):
         self.c_proj.residual_projection = True
         self.fp8 = cfg.fp8_mlp
         self.relu2_from_float8 = cfg.relu2_from_float8  # checked: only with fp8_mlp=full and activation=relu2
-        if cfg.fp8_scaling != "amax" and cfg.fp8_mlp != "off":  # c_fc's input is a norm's: norm_bound
-            add_float8_bounds(self.c_fc, cfg, cfg.fp8_mlp, input_bound=False)
-            add_float8_bounds(self.c_proj, cfg, cfg.fp8_mlp, input_bound=True)
+        self.grad_ahead = cfg.fp8_scaling in FP8_SCALING_GRADIENTS and cfg.fp8_mlp == "full"
+        if cfg.fp8_scaling in FP8_SCALING_ACTIVATIONS and cfg.fp8_mlp != "off":  # c_fc's input is a norm's: norm_bound
+            add_float8_bounds(self.c_proj)
 
     def linear(self, layer, x, x_bound=None):
-        """layer(x), in training with --fp8_mlp through float8 products scaled by each operand's largest entry: its
-        gradient's bound is not known in advance, unlike the head's (--fp8_scaling=ahead: x_bound, or the last step's
-        bounds). Evaluation and sampling keep the exact product."""
-        return layer(x) if self.fp8 == "off" or not self.training else float8_linear(layer, x, self.fp8, x_bound)
+        """layer(x), in training with --fp8_mlp through float8 products scaled by each operand's largest entry, or
+        by bounds known ahead (--fp8_scaling: x_bound or the last step's for x, gradient_bound for the gradient).
+        Evaluation and sampling keep the exact product."""
+        if self.fp8 == "off" or not self.training:
+            return layer(x)
+        return float8_linear(layer, x, self.fp8, x_bound, self.grad_ahead)
 
     def forward(self, x, x_bound=None):  # x_bound: a limit on |x| known in advance (norm_bound)
         if self.gated:
@@ -652,8 +654,9 @@ class MLP(nn.Module):
             a_bound = None
             if hasattr(self.c_proj, "fp8_input_bound"):  # relu(h)^2's largest entry is relu(h's largest)^2
                 a_bound = bound_from_last_step(self.c_proj.fp8_input_bound, h.amax().float().clamp(min=0).square())
-            y = ReLU2FP8Linear.apply(h.flatten(0, -2), self.c_proj.weight, a_bound,
-                                     getattr(self.c_proj, "fp8_grad_bound", None)).view(*h.shape[:-1], -1)
+            rows = h.flatten(0, -2)
+            y = ReLU2FP8Linear.apply(rows, self.c_proj.weight, a_bound,
+                                     gradient_bound(rows) if self.grad_ahead else None).view(*h.shape[:-1], -1)
             return y if self.c_proj.bias is None else y + self.c_proj.bias
         return self.linear(self.c_proj, self.act(self.linear(self.c_fc, x, x_bound)))
 
@@ -669,7 +672,8 @@ class Block(nn.Module):
         # residual_scaling=forward: both branches' outputs are multiplied by 1/sqrt(2 * n_layer) at every step (see
         # GPT._init_weights); init: by 1, and the same scale is in the output projections' starting weights
         self.branch_scale = (2 * cfg.n_layer) ** -0.5 if cfg.residual_scaling == "forward" else 1.0
-        self.bounds_ahead = cfg.fp8_scaling != "amax" and (cfg.fp8_attention != "off" or cfg.fp8_mlp != "off")
+        self.bounds_ahead = cfg.fp8_scaling in FP8_SCALING_ACTIVATIONS and (cfg.fp8_attention != "off"
+                                                                           or cfg.fp8_mlp != "off")
         self.x0_mixing = cfg.x0_mixing
         if cfg.x0_mixing:
             # (a, b) of x <- a*x + b*x0: from (1, 0) the block gets the same input as without mixing, so the
@@ -682,7 +686,7 @@ class Block(nn.Module):
         if self.x0_mixing:  # x0: the residual stream's start, the same tensor for every block
             x = self.x0_mix[0] * x + self.x0_mix[1] * x0
         # pre-norm: the residual stream itself is never normalized
-        ahead = self.bounds_ahead and self.training  # --fp8_scaling=ahead: the norms' outputs' bounds, from their gains
+        ahead = self.bounds_ahead and self.training  # --fp8_scaling=activations: the norms' outputs' bounds, by gains
         if self.attn is not None:
             x = x + self.branch_scale * self.attn(self.ln_1(x), mask, value_embedding,
                                                   norm_bound(self.ln_1) if ahead else None)
@@ -828,8 +832,9 @@ class GPT(nn.Module):
         """The final norm, the LM head and, with targets, the loss: with --compile_scope=blocks, a compiled region of
         its own (eager, its float32 logits would be materialized several times over)."""
         x = self.transformer.ln_f(x)
-        # --fp8_scaling=ahead: the float8 head's input is ln_f's output, bounded by its gain (norm_bound)
-        x_bound = norm_bound(self.transformer.ln_f) if self.cfg.fp8_scaling != "amax" and self.training else None
+        # --fp8_scaling=activations: the float8 head's input is ln_f's output, bounded by its gain (norm_bound)
+        ahead = self.cfg.fp8_scaling in FP8_SCALING_ACTIVATIONS and self.training
+        x_bound = norm_bound(self.transformer.ln_f) if ahead else None
         if self.cfg.fused_head_loss and self.training and targets is not None:  # the loss; no logits leave the head
             return FP8HeadLoss.apply(x.flatten(0, -2), self.lm_head.weight, targets.reshape(-1),
                                      self.cfg.logit_softcap, self.cfg.pad_token, self.cfg.fused_loss_fast_math, x_bound)
@@ -865,9 +870,10 @@ def to_float8(t, dtype, bound=None):
 
 
 def norm_bound(norm):
-    """--fp8_scaling=ahead: a limit on |entry| of `norm`'s output, known before the output exists. Before its gain, a
-    row of an RMSNorm has root mean square 1 (eps aside), and a LayerNorm's has mean 0 and variance 1: its squares sum
-    to at most the width, so no entry exceeds sqrt(width). Times the largest |gain|, plus the largest |bias|."""
+    """--fp8_scaling=activations: a limit on |entry| of `norm`'s output, known before the output exists. Before its
+    gain, a row of an RMSNorm has root mean square 1 (eps aside), and a LayerNorm's has mean 0 and variance 1: its
+    squares sum to at most the width, so no entry exceeds sqrt(width). Times the largest |gain|, plus the largest
+    |bias|."""
     bound = norm.weight.detach().abs().amax().float() * norm.weight.numel() ** 0.5
     if getattr(norm, "bias", None) is not None:
         bound = bound + norm.bias.detach().abs().amax().float()
@@ -875,24 +881,32 @@ def norm_bound(norm):
 
 
 def bound_from_last_step(buffer, largest):
-    """--fp8_scaling=ahead, for a tensor that no formula bounds (an activation, a gradient): FP8_BOUND_MARGIN times
-    its largest |entry| one training step before, kept in `buffer` (a FP8_FIRST_* value before any). Returns that bound
-    and stores the next one, from `largest`, this step's (a zero keeps the old bound). The cast waits for no amax of
-    its own tensor, so it fuses into the kernel that makes the tensor; an entry past the bound saturates (to_float8)."""
+    """--fp8_scaling=activations, for an activation that no formula bounds: FP8_BOUND_MARGIN times its largest |entry|
+    one training step before, kept in `buffer` (FP8_FIRST_BOUND before any). Returns that bound and stores the next
+    one, from `largest`, this step's (a zero keeps the old bound). The cast waits for no amax of its own tensor, so it
+    fuses into the kernel that makes the tensor; an entry past the bound saturates (to_float8)."""
     bound = buffer.clone()
     largest = largest.detach().float()
     buffer.copy_(torch.where(largest > 0, largest * FP8_BOUND_MARGIN, buffer))
     return bound
 
 
+def gradient_bound(rows):
+    """--fp8_scaling=gradients: a limit on |entry| of the gradient of a block's product of `rows` (tokens x width),
+    known before the gradient exists: the loss averages over the micro-batch's tokens, so every entry scales with 1 /
+    their number, and FP8_GRADIENT_BOUND_PER_TOKEN bounds it in those units. Accumulated micro-batches divide the loss
+    further: the bound is then that many times too high, costing range only at the small end, never saturating."""
+    return torch.full((), FP8_GRADIENT_BOUND_PER_TOKEN / rows.shape[0], device=rows.device)
+
+
 def float8_bounds(model):
-    """--fp8_scaling=ahead, for the log: the range of the bounds from the last step, the activations' and the
-    gradients' ("" if none). They follow the tensors' sizes through the run; a product's bounds far apart from the
-    others' would show where a float8 cast loses range."""
-    kinds = {kind: [b for name, b in model.named_buffers() if name.endswith(f".fp8_{kind}_bound")]
-             for kind in ("input", "grad")}
-    return " ".join(f"fp8_{kind}_bounds:{torch.stack(found).min().item():.3g}..{torch.stack(found).max().item():.3g}"
-                    for kind, found in kinds.items() if found)
+    """--fp8_scaling=activations, for the log: the range of the activations' bounds from the last step ("" if none).
+    They follow the tensors' sizes through the run; a product's bound far apart from the others' would show where a
+    float8 cast loses range."""
+    found = [b for name, b in model.named_buffers() if name.endswith(".fp8_input_bound")]
+    if not found:
+        return ""
+    return f"fp8_input_bounds:{torch.stack(found).min().item():.3g}..{torch.stack(found).max().item():.3g}"
 
 
 class FP8Linear(torch.autograd.Function):
@@ -904,26 +918,23 @@ class FP8Linear(torch.autograd.Function):
     written out whole in a wider type before its float8 copy (that cost 18.5 GB at bench100m's micro-batch)."""
 
     @staticmethod
-    def forward(ctx, x, w, grad_bound, x_bound=None, grad_state=None):  # x (N, n_embd), w (vocab_size, n_embd)
-        # grad_bound, x_bound: limits on |gradient| and |x|; grad_state: bound_from_last_step's buffer for the gradient
+    def forward(ctx, x, w, grad_bound, x_bound=None):  # x (N, n_embd), w (vocab_size, n_embd); limits on |grad|, |x|
         x8, x_scale = to_float8(x, torch.float8_e4m3fn, x_bound)
         w8, w_scale = to_float8(w, torch.float8_e4m3fn)
-        ctx.save_for_backward(x8, x_scale, w8, w_scale, grad_bound, grad_state)  # float8: a quarter of float32's memory
+        ctx.save_for_backward(x8, x_scale, w8, w_scale, grad_bound)  # float8 copies: a quarter of float32's memory
         ctx.w_dtype = w.dtype
         # _scaled_mm wants its second operand column-major: w8.t() of the row-major w8 is
         return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
 
     @staticmethod
     def backward(ctx, grad):  # grad (N, vocab_size)
-        x8, x_scale, w8, w_scale, grad_bound, grad_state = ctx.saved_tensors
-        if grad_state is not None:  # written in the backward: the next step's bound
-            grad_bound = bound_from_last_step(grad_state, grad.abs().amax())
+        x8, x_scale, w8, w_scale, grad_bound = ctx.saved_tensors
         g8, g_scale = to_float8(grad, torch.float8_e5m2, grad_bound)
         grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_scale, scale_b=w_scale,
                                   out_dtype=torch.bfloat16)
         grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_scale, scale_b=x_scale,
                                   out_dtype=torch.float32)
-        return grad_x, grad_w.to(ctx.w_dtype), None, None, None
+        return grad_x, grad_w.to(ctx.w_dtype), None, None
 
 
 class ReLU2FP8Linear(torch.autograd.Function):
@@ -934,17 +945,16 @@ class ReLU2FP8Linear(torch.autograd.Function):
     from it). The root of an e4m3 value has ~4 bits of mantissa, finer than the e5m2 gradient (2 bits) it meets."""
 
     @staticmethod
-    def forward(ctx, h, w, a_bound=None, grad_state=None):  # h (N, hidden): the first product's output; as FP8Linear's
+    def forward(ctx, h, w, a_bound=None, grad_bound=None):  # h (N, hidden): the first product's output; as FP8Linear's
         a8, a_scale = to_float8(ACTIVATIONS["relu2"](h), torch.float8_e4m3fn, a_bound)
         w8, w_scale = to_float8(w, torch.float8_e4m3fn)
-        ctx.save_for_backward(a8, a_scale, w8, w_scale, grad_state)
+        ctx.save_for_backward(a8, a_scale, w8, w_scale, grad_bound)
         ctx.dtypes = h.dtype, w.dtype
         return torch._scaled_mm(a8, w8.t(), scale_a=a_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
 
     @staticmethod
     def backward(ctx, grad):  # grad (N, n_embd)
-        a8, a_scale, w8, w_scale, grad_state = ctx.saved_tensors
-        grad_bound = None if grad_state is None else bound_from_last_step(grad_state, grad.abs().amax())
+        a8, a_scale, w8, w_scale, grad_bound = ctx.saved_tensors
         g8, g_scale = to_float8(grad, torch.float8_e5m2, grad_bound)
         grad_a = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_scale, scale_b=w_scale,
                                   out_dtype=torch.bfloat16)
@@ -963,7 +973,7 @@ class FP8ForwardLinear(torch.autograd.Function):
     39.7 ms and 13.5 GB with FP8Linear and 41.2 ms and 7.5 GB with bf16 products (bench/head_microbench.py)."""
 
     @staticmethod
-    def forward(ctx, x, w, grad_bound, x_bound=None, grad_state=None):  # grad_*: unused, the gradient stays bf16
+    def forward(ctx, x, w, grad_bound, x_bound=None):  # grad_bound: unused, the gradient is never quantized
         x8, x_scale = to_float8(x, torch.float8_e4m3fn, x_bound)
         w8, w_scale = to_float8(w, torch.float8_e4m3fn)
         ctx.save_for_backward(x, w)  # x in its own dtype (bfloat16 under autocast), not a float8 copy
@@ -975,7 +985,7 @@ class FP8ForwardLinear(torch.autograd.Function):
         g = grad.to(torch.bfloat16)
         grad_x = g @ w.to(g.dtype)
         grad_w = g.t() @ x.to(g.dtype)
-        return grad_x, grad_w.to(w.dtype), None, None, None
+        return grad_x, grad_w.to(w.dtype), None, None
 
 
 if triton is not None:
@@ -2701,8 +2711,8 @@ def check_config(cfg, world_size=1):
         raise ConfigError(f"--relu2_from_float8 reads ReLU²'s backward from the MLP's float8 product: it needs "
                           f"--fp8_mlp=full and --activation=relu2, not {cfg.fp8_mlp} and {cfg.activation}; set them, or "
                           "--relu2_from_float8=false")
-    if cfg.fp8_scaling not in ("amax", "ahead", "activations"):
-        raise ConfigError(f"--fp8_scaling={cfg.fp8_scaling!r} is not one of: amax, ahead, activations")
+    if cfg.fp8_scaling not in ("amax", "gradients", "activations", "ahead"):
+        raise ConfigError(f"--fp8_scaling={cfg.fp8_scaling!r} is not one of: amax, gradients, activations, ahead")
     if cfg.fp8_attention not in ("off", "forward", "full"):
         raise ConfigError(f"--fp8_attention={cfg.fp8_attention!r} is not one of: off, forward, full")
     kv_width = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
@@ -3012,7 +3022,7 @@ def main(argv=None):
             val_losses.append((step, val_loss))
             log(f"step:{step}/{cfg.max_steps} val_loss:{val_loss:.6f} val_ppl:{math.exp(min(val_loss, 80)):.2f} "
                 f"tokens:{step * cfg.total_batch_size} train_time:{train_time * 1000:.0f}ms")
-            if cfg.fp8_scaling != "amax" and (bounds := float8_bounds(raw_model)):
+            if cfg.fp8_scaling in FP8_SCALING_ACTIVATIONS and (bounds := float8_bounds(raw_model)):
                 log(f"step:{step}/{cfg.max_steps} {bounds}")
             if cfg.val_target and val_loss <= cfg.val_target:  # the same value on every rank: all stop here
                 log(f"step:{step}/{cfg.max_steps} reached_val_target:{cfg.val_target} "
