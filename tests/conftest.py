@@ -39,7 +39,7 @@ SPEED_SWITCHES_OFF = {"async_batches": False, "value_embeddings": 0, "x0_mixing"
                       "unet_skips": False, "attention_gate": 0, "fp8_mlp": "off", "normuon": False,
                       "fp8_attention": "off", "muon_ns_coefficients": "jordan",
                       "smear_gate": 0, "backout_layer": -1, "relu2_from_float8": False,
-                      "blockmask_without_sort": False, "compile_ahead": False}
+                      "blockmask_without_sort": False, "compile_ahead": False, "fp8_scaling": "amax"}
 
 
 def step_adding(field):
