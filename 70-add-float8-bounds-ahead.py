@@ -1,6 +1,6 @@
 """Step 70 of the lineage: add --fp8_scaling: float8 casts whose bounds are known before the tensor, no amax pass.
 Parent: 69-add-compile-ahead.py
-The blocks' gradients bounded by 256 / the loss's tokens (gradients, the default); activations by their norms' gains.
+On (gradients: 256 / the loss's tokens): +3.6% tokens/s, val 1.0928, 1.0949 (seeds 1337, 1338; H100, RESULTS (x)).
 
 Trains a GPT language model (GPT-2 124M by default) in one self-contained file. Every setting is a field of
 the Config dataclass below (`--key=value` on the command line overrides it). The file reads top to bottom:
